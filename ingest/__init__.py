@@ -1,0 +1,1 @@
+"""Receiving and processing mail: ledger intake, parsing, the pipeline, and the sources."""

@@ -1,0 +1,83 @@
+"""The objects that flow through the pipeline: one `IncomingMail` per ledger row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """How a message reached us. `source` is one of smtp, lmtp, imap, file, stdin."""
+
+    source: str
+    mail_from: str | None = None
+    rcpt_to: tuple[str, ...] = ()
+    peer: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MailAttachment:
+    filename: str
+    original_filename: str | None
+    content_type: str
+    content: bytes
+    inline: bool = False
+    content_id: str | None = None
+
+
+@dataclass
+class ParsedMail:
+    """What the parser read from the raw bytes; text is always decoded `str`."""
+
+    message_id: str | None
+    subject: str
+    from_name: str | None
+    from_email: str | None
+    to: list[str]
+    cc: list[str]
+    date: datetime | None
+    headers: list[tuple[str, str]]
+    text: str
+    html: str | None
+    attachments: list[MailAttachment]
+    in_reply_to: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    defects: list[str] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        """First value of header `name` (case-insensitive), decoded."""
+        wanted = name.lower()
+        return next((v for k, v in self.headers if k.lower() == wanted), None)
+
+
+@dataclass
+class Decision:
+    """What routing decided for a message."""
+
+    source_kind: str = "email"
+    category: str | None = None
+    assignee: str | None = None
+    priority: str = "normal"
+    due_at: datetime | None = None
+    labels: list[str] = field(default_factory=list)
+    fields: dict[str, Any] = field(default_factory=dict)
+    rule_names: list[str] = field(default_factory=list)
+    rules_version: str | None = None
+    drop_reason: str | None = None
+    follow_up_ticket_id: int | None = None
+
+
+@dataclass
+class IncomingMail:
+    """One message on its way through the pipeline; `raw` is never modified."""
+
+    inbound_id: int
+    raw: bytes
+    envelope: Envelope
+    received_at: datetime
+    parsed: ParsedMail | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    decision: Decision | None = None

@@ -1,0 +1,145 @@
+"""process(ctx, inbound_id): parse -> detect -> route -> store, for first delivery and replay alike.
+
+Processing reads only the stored raw bytes and the current rules, so a crash, a retry or
+`mailintake failed replay` all take this same path. Any exception marks the ledger row `failed`
+with the stage and the traceback; the raw bytes stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from config import Settings
+from ingest.detect import find_follow_up
+from ingest.mail import Decision, Envelope, IncomingMail
+from ingest.parse import parse
+from ingest.store import store
+from rules.defaults import default_decision
+from storage import repo
+from storage.models import InboundMessage, MessageStatus
+
+log = logging.getLogger(__name__)
+
+Router = Callable[[IncomingMail, Session], Decision]
+
+
+class MessageTooLarge(ValueError):
+    pass
+
+
+@dataclass
+class PipelineContext:
+    """What every stage may use; tests build their own."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    router: Router
+
+    @classmethod
+    def with_default_routing(
+        cls, settings: Settings, sessions: sessionmaker[Session]
+    ) -> PipelineContext:
+        return cls(settings, sessions, lambda _mail, _session: default_decision(settings.tickets))
+
+
+def parse_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
+    limit = ctx.settings.intake.max_message_bytes
+    if len(mail.raw) > limit:
+        raise MessageTooLarge(f"message is {len(mail.raw)} bytes, over the limit of {limit}")
+    mail.parsed = parse(mail.raw)
+
+
+def route_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
+    follow_up = find_follow_up(mail, session, ctx.settings.tickets.key_prefix)
+    mail.decision = ctx.router(mail, session)
+    if follow_up is not None:
+        mail.decision.follow_up_ticket_id = follow_up
+
+
+def load(ctx: PipelineContext, inbound_id: int) -> IncomingMail | None:
+    """The ledger row as an IncomingMail, or None if it needs no processing."""
+    with ctx.sessions() as session:
+        row = session.get(InboundMessage, inbound_id)
+        if row is None or row.status not in repo.PROCESSABLE:
+            return None
+        envelope = Envelope(
+            source=row.source,
+            mail_from=row.mail_from,
+            rcpt_to=tuple(row.rcpt_to),
+            peer=row.peer,
+            extra=dict(row.envelope),
+        )
+        return IncomingMail(row.id, row.raw, envelope, row.received_at)
+
+
+def process(ctx: PipelineContext, inbound_id: int) -> MessageStatus | None:
+    """Process one ledger row; returns its fate, or None if it was not processable."""
+    mail = load(ctx, inbound_id)
+    if mail is None:
+        return None
+    stage = ["parse"]
+    try:
+        parse_stage(mail, ctx)
+        try:
+            fate = _route_and_store(ctx, mail, stage)
+        except IntegrityError:
+            # Another process stored the same message at the same moment; a second pass
+            # sees its record and makes this delivery a duplicate.
+            fate = _route_and_store(ctx, mail, stage)
+    except Exception as exc:
+        _record_failure(ctx, mail, stage[0], exc)
+        return MessageStatus.FAILED
+    if fate is not None:
+        log.info("message %s %s: %s", inbound_id, _mid(mail), fate)
+    return fate
+
+
+def _route_and_store(
+    ctx: PipelineContext, mail: IncomingMail, stage: list[str]
+) -> MessageStatus | None:
+    """The transactional part; `stage[0]` tells the caller where an exception came from."""
+    with ctx.sessions.begin() as session:
+        stage[0] = "claim"
+        if not repo.claim(session, mail.inbound_id):
+            return None
+        stage[0] = "route"
+        route_stage(mail, ctx, session)
+        stage[0] = "store"
+        return store(session, mail, ctx.settings.tickets.key_prefix)
+
+
+def _mid(mail: IncomingMail) -> str:
+    return (mail.parsed.message_id if mail.parsed else None) or "(no Message-ID)"
+
+
+def _record_failure(ctx: PipelineContext, mail: IncomingMail, stage: str, exc: Exception) -> None:
+    error = "".join(traceback.format_exception(exc))
+    log.warning(
+        "message %s %s failed at %s: %s: %s",
+        mail.inbound_id,
+        _mid(mail),
+        stage,
+        type(exc).__name__,
+        exc,
+    )
+    with ctx.sessions.begin() as session:
+        repo.mark_failed(session, mail.inbound_id, stage, error)
+
+
+def process_pending(
+    ctx: PipelineContext, on_done: Callable[[MessageStatus | None], None] | None = None
+) -> int:
+    """Process every message still `received` (new, or left by a crash); return how many."""
+    with ctx.sessions() as session:
+        ids = repo.pending_ids(session)
+    for inbound_id in ids:
+        fate = process(ctx, inbound_id)
+        if on_done:
+            on_done(fate)
+    return len(ids)

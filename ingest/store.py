@@ -1,0 +1,133 @@
+"""The last stage: turn a routed IncomingMail into a ticket, a comment, a drop or a duplicate."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy.orm import Session
+
+from ingest.mail import IncomingMail, ParsedMail
+from storage import repo
+from storage.models import Attachment, InboundMessage, MessageStatus, Ticket, TicketComment
+
+REQUESTER_FIELDS = ("requester_name", "requester_email", "requester_phone", "requester_company")
+
+
+def store(session: Session, mail: IncomingMail, key_prefix: str) -> MessageStatus:
+    """Write the outcome of `mail` in the caller's transaction and return the message's fate."""
+    parsed, decision = mail.parsed, mail.decision
+    assert parsed is not None and decision is not None
+    row = session.get_one(InboundMessage, mail.inbound_id)
+    earlier = repo.first_record_of(session, row.dedupe_key, row.id)
+    if earlier is not None:
+        repo.set_fate(
+            session,
+            row,
+            MessageStatus.DUPLICATE,
+            ticket_id=earlier.ticket_id,
+            duplicate_of_id=earlier.id,
+            defects=parsed.defects,
+        )
+        return MessageStatus.DUPLICATE
+    if decision.drop_reason:
+        repo.set_fate(
+            session,
+            row,
+            MessageStatus.DROPPED,
+            drop_reason=decision.drop_reason,
+            defects=parsed.defects,
+        )
+        return MessageStatus.DROPPED
+    if decision.follow_up_ticket_id is not None:
+        comment = _add_comment(session, mail, row, decision.follow_up_ticket_id)
+        _add_attachments(session, parsed, row.id, comment_id=comment.id)
+        repo.set_fate(
+            session,
+            row,
+            MessageStatus.COMMENT,
+            ticket_id=comment.ticket_id,
+            defects=parsed.defects,
+        )
+        return MessageStatus.COMMENT
+    ticket = _add_ticket(session, mail, row, key_prefix)
+    _add_attachments(session, parsed, row.id, ticket_id=ticket.id)
+    repo.set_fate(session, row, MessageStatus.TICKET, ticket_id=ticket.id, defects=parsed.defects)
+    return MessageStatus.TICKET
+
+
+def _add_ticket(session: Session, mail: IncomingMail, row: InboundMessage, prefix: str) -> Ticket:
+    parsed, decision = mail.parsed, mail.decision
+    assert parsed is not None and decision is not None
+    fields = {**mail.fields, **decision.fields}
+    requester = {name: fields.pop(name, None) for name in REQUESTER_FIELDS}
+    ticket = Ticket(
+        key=f"new-{row.id}",
+        source_kind=decision.source_kind,
+        category=decision.category,
+        subject=parsed.subject,
+        body=parsed.text,
+        body_html=parsed.html,
+        requester_name=requester["requester_name"] or parsed.from_name,
+        requester_email=requester["requester_email"] or parsed.from_email,
+        requester_phone=requester["requester_phone"],
+        requester_company=requester["requester_company"],
+        assignee=decision.assignee,
+        priority=decision.priority,
+        due_at=decision.due_at,
+        labels=decision.labels,
+        fields=fields,
+        rule_names=decision.rule_names,
+        rules_version=decision.rules_version,
+        inbound_message_id=row.id,
+        origin_key=row.dedupe_key,
+    )
+    session.add(ticket)
+    session.flush()
+    ticket.key = f"{prefix}-{ticket.id}"
+    return ticket
+
+
+def _add_comment(
+    session: Session, mail: IncomingMail, row: InboundMessage, ticket_id: int
+) -> TicketComment:
+    parsed = mail.parsed
+    assert parsed is not None
+    comment = TicketComment(
+        ticket_id=ticket_id,
+        author_name=parsed.from_name,
+        author_email=parsed.from_email,
+        body=parsed.text,
+        body_full=parsed.text,
+        inbound_message_id=row.id,
+        origin_key=row.dedupe_key,
+    )
+    session.add(comment)
+    session.flush()
+    return comment
+
+
+def _add_attachments(
+    session: Session,
+    parsed: ParsedMail,
+    inbound_id: int,
+    *,
+    ticket_id: int | None = None,
+    comment_id: int | None = None,
+) -> None:
+    for att in parsed.attachments:
+        digest = hashlib.sha256(att.content).hexdigest()
+        repo.save_blob(session, digest, att.content)
+        session.add(
+            Attachment(
+                inbound_message_id=inbound_id,
+                ticket_id=ticket_id,
+                comment_id=comment_id,
+                filename=att.filename,
+                original_filename=att.original_filename,
+                content_type=att.content_type,
+                content_id=att.content_id,
+                inline=att.inline,
+                size=len(att.content),
+                sha256=digest,
+            )
+        )

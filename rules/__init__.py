@@ -1,0 +1,1 @@
+"""Routing: decide category, assignee, priority, due time and labels for each message."""

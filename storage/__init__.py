@@ -1,0 +1,1 @@
+"""Persistence: tables (models), engine and sessions (db), queries (repo), migrations."""

@@ -1,0 +1,173 @@
+"""The database schema. It is a public interface: keep docs/schema.md in step, change it only
+through an Alembic migration in storage/migrations/versions/."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSON,
+        list[str]: JSON,
+    }
+
+
+class MessageStatus(enum.StrEnum):
+    """The fate of an inbound message. `received` means not processed yet."""
+
+    RECEIVED = "received"
+    TICKET = "ticket"
+    COMMENT = "comment"
+    DUPLICATE = "duplicate"
+    DROPPED = "dropped"
+    FAILED = "failed"
+
+
+class InboundMessage(Base):
+    """The ledger: one row per received message, committed before the sender gets its ack."""
+
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    source: Mapped[str] = mapped_column(String(16))
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    dedupe_key: Mapped[str] = mapped_column(String(998), index=True)
+    mail_from: Mapped[str | None] = mapped_column(String(998))
+    rcpt_to: Mapped[list[str]] = mapped_column(default=list)
+    peer: Mapped[str | None] = mapped_column(String(255))
+    envelope: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=MessageStatus.RECEIVED)
+    fail_stage: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    processed_at: Mapped[datetime | None]
+    drop_reason: Mapped[str | None] = mapped_column(Text)
+    defects: Mapped[list[str]] = mapped_column(default=list)
+    ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
+
+    __table_args__ = (Index("ix_inbound_messages_status_id", "status", "id"),)
+
+
+class Ticket(Base):
+    __tablename__ = "tickets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(32), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    source_kind: Mapped[str] = mapped_column(String(16))
+    category: Mapped[str | None] = mapped_column(String(64), index=True)
+    subject: Mapped[str] = mapped_column(Text, default="")
+    body: Mapped[str] = mapped_column(Text, default="")
+    body_html: Mapped[str | None] = mapped_column(Text)
+    requester_name: Mapped[str | None] = mapped_column(String(255))
+    requester_email: Mapped[str | None] = mapped_column(String(320), index=True)
+    requester_phone: Mapped[str | None] = mapped_column(String(64))
+    requester_company: Mapped[str | None] = mapped_column(String(255))
+    assignee: Mapped[str | None] = mapped_column(String(64), index=True)
+    priority: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="open", index=True)
+    due_at: Mapped[datetime | None]
+    labels: Mapped[list[str]] = mapped_column(default=list)
+    fields: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    rule_names: Mapped[list[str]] = mapped_column(default=list)
+    rules_version: Mapped[str | None] = mapped_column(String(64))
+    inbound_message_id: Mapped[int] = mapped_column(
+        ForeignKey("inbound_messages.id", use_alter=True, name="fk_tickets_inbound_message_id"),
+        unique=True,
+    )
+    origin_key: Mapped[str] = mapped_column(String(998), unique=True)
+
+    comments: Mapped[list[TicketComment]] = relationship(
+        back_populates="ticket", order_by="TicketComment.id"
+    )
+
+
+class TicketComment(Base):
+    __tablename__ = "ticket_comments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    author_name: Mapped[str | None] = mapped_column(String(255))
+    author_email: Mapped[str | None] = mapped_column(String(320))
+    body: Mapped[str] = mapped_column(Text, default="")
+    body_full: Mapped[str] = mapped_column(Text, default="")
+    inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_messages.id"), unique=True)
+    origin_key: Mapped[str] = mapped_column(String(998), unique=True)
+
+    ticket: Mapped[Ticket] = relationship(back_populates="comments")
+
+
+class AttachmentBlob(Base):
+    """Attachment content, stored once per sha256."""
+
+    __tablename__ = "attachment_blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Attachment(Base):
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_messages.id"), index=True)
+    ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
+    comment_id: Mapped[int | None] = mapped_column(ForeignKey("ticket_comments.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    original_filename: Mapped[str | None] = mapped_column(Text)
+    content_type: Mapped[str] = mapped_column(String(255))
+    content_id: Mapped[str | None] = mapped_column(String(998))
+    inline: Mapped[bool] = mapped_column(default=False)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(ForeignKey("attachment_blobs.sha256"), index=True)
+
+
+class ImapCheckpoint(Base):
+    """How far each IMAP account/folder has been fetched (UIDVALIDITY and last UID)."""
+
+    __tablename__ = "imap_checkpoints"
+
+    account: Mapped[str] = mapped_column(String(128), primary_key=True)
+    folder: Mapped[str] = mapped_column(String(255), primary_key=True)
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class AssignmentCursor(Base):
+    """Round-robin position per team, shared by every process using the database."""
+
+    __tablename__ = "assignment_cursors"
+
+    team: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
