@@ -80,6 +80,7 @@ def main_options(
         stream=sys.stderr,
     )
     logging.getLogger("mailparser").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         ctx.obj = load_settings(config)
     except ConfigError as exc:
