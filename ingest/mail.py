@@ -67,7 +67,7 @@ class Decision:
     rule_names: list[str] = field(default_factory=list)
     rules_version: str | None = None
     drop_reason: str | None = None
-    follow_up_ticket_id: int | None = None
+    allow_auto_reply: bool = False  # a rule may let an auto-reply open a ticket
 
 
 @dataclass
@@ -79,5 +79,8 @@ class IncomingMail:
     envelope: Envelope
     received_at: datetime
     parsed: ParsedMail | None = None
-    fields: dict[str, Any] = field(default_factory=dict)
+    source_kind: str = "email"  # phone, fax, webform or email, from the matching template
+    fields: dict[str, Any] = field(default_factory=dict)  # extracted from the template
+    auto_reply: str | None = None  # why it is an auto-reply/bounce/loop, if it is one
+    follow_up_ticket_id: int | None = None  # the ticket this mail answers
     decision: Decision | None = None

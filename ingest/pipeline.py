@@ -45,7 +45,9 @@ class PipelineContext:
     def with_default_routing(
         cls, settings: Settings, sessions: sessionmaker[Session]
     ) -> PipelineContext:
-        return cls(settings, sessions, lambda _mail, _session: default_decision(settings.tickets))
+        return cls(
+            settings, sessions, lambda mail, _session: default_decision(settings.tickets, mail)
+        )
 
 
 def parse_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
@@ -56,10 +58,14 @@ def parse_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
 
 
 def route_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
-    follow_up = find_follow_up(mail, session, ctx.settings.tickets.key_prefix)
-    mail.decision = ctx.router(mail, session)
-    if follow_up is not None:
-        mail.decision.follow_up_ticket_id = follow_up
+    """Follow-up detection, then the router; auto-replies that answer no ticket are dropped
+    unless a rule allows them."""
+    mail.follow_up_ticket_id = find_follow_up(mail, session, ctx.settings.tickets.key_prefix)
+    decision = ctx.router(mail, session)
+    no_ticket_to_join = mail.follow_up_ticket_id is None
+    if mail.auto_reply and no_ticket_to_join and not decision.allow_auto_reply:
+        decision.drop_reason = decision.drop_reason or f"auto-reply: {mail.auto_reply}"
+    mail.decision = decision
 
 
 def load(ctx: PipelineContext, inbound_id: int) -> IncomingMail | None:

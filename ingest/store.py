@@ -38,8 +38,8 @@ def store(session: Session, mail: IncomingMail, key_prefix: str) -> MessageStatu
             defects=parsed.defects,
         )
         return MessageStatus.DROPPED
-    if decision.follow_up_ticket_id is not None:
-        comment = _add_comment(session, mail, row, decision.follow_up_ticket_id)
+    if mail.follow_up_ticket_id is not None:
+        comment = _add_comment(session, mail, row, mail.follow_up_ticket_id)
         _add_attachments(session, parsed, row.id, comment_id=comment.id)
         repo.set_fate(
             session,

@@ -18,7 +18,9 @@ from storage.models import Base
 
 DATA = Path(__file__).parent / "data"
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
-PG_URL = os.environ.get("MAILINTAKE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get(
+    "MAILINTAKE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 
 
 def pg_unavailable_reason() -> str | None:
