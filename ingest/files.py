@@ -31,9 +31,12 @@ def is_mbox(path: Path) -> bool:
 
 
 class MessageSource:
-    """The messages behind one CLI argument; `len()` is known before reading any of them."""
+    """The messages behind one CLI argument; `len()` is known before reading any of them.
 
-    def __init__(self, spec: str) -> None:
+    In a plain directory every file matching `glob` (recursively) is one message.
+    """
+
+    def __init__(self, spec: str, glob: str = "*") -> None:
         self.spec = spec
         self.path = Path(spec)
         if spec != STDIN and not self.path.exists():
@@ -45,7 +48,7 @@ class MessageSource:
         if is_maildir(self.path):
             self._mailbox = mailbox.Maildir(self.path, create=False)
         elif self.path.is_dir():
-            self._files = sorted(p for p in self.path.rglob("*") if p.is_file())
+            self._files = sorted(p for p in self.path.rglob(glob) if p.is_file())
         elif is_mbox(self.path):
             self._mailbox = mailbox.mbox(self.path, create=False)
         else:
@@ -60,8 +63,11 @@ class MessageSource:
         if self.spec == STDIN:
             yield FileMessage(sys.stdin.buffer.read(), "stdin", "stdin")
         elif self._mailbox is not None:
-            for key in self._mailbox.iterkeys():
-                yield FileMessage(self._mailbox.get_bytes(key), f"{self.spec}#{key}", "file")
+            try:
+                for key in self._mailbox.iterkeys():
+                    yield FileMessage(self._mailbox.get_bytes(key), f"{self.spec}#{key}", "file")
+            finally:
+                self._mailbox.close()
         else:
             for path in self._files:
                 yield FileMessage(path.read_bytes(), str(path), "file")

@@ -13,18 +13,23 @@ from ingest.mail import Envelope
 from storage.models import InboundMessage, MessageStatus
 
 MESSAGE_ID_RE = re.compile(r"<[^<>\s]+>")
+IDENTITY_HEADERS = ("From", "Date", "Subject")
 
 
-def message_id_of(raw: bytes) -> str | None:
-    """The Message-ID from the header block (cheap: the body is not parsed)."""
+def identity_of(raw: bytes, sha256: str) -> tuple[str | None, str]:
+    """The Message-ID and the dedupe key of a message, from its header block only.
+
+    Two deliveries are the same message when Message-ID, From, Date and Subject agree (relays
+    add trace headers, so the bytes differ); without a Message-ID, when the bytes are identical.
+    Comparing more than the Message-ID keeps distinct mails from mailers that reuse one.
+    """
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw.removeprefix(b"\xef\xbb\xbf"))
     found = MESSAGE_ID_RE.search(str(headers.get("Message-ID") or ""))
-    return found.group(0) if found else None
-
-
-def dedupe_key(message_id: str | None, sha256: str) -> str:
-    """What makes two deliveries the same message: its Message-ID, else its exact content."""
-    return f"mid:{message_id}" if message_id else f"sha256:{sha256}"
+    if not found:
+        return None, f"sha256:{sha256}"
+    identity = "\n".join(" ".join(str(headers.get(h) or "").split()) for h in IDENTITY_HEADERS)
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return found.group(0), f"mid:{found.group(0)}#{digest}"
 
 
 def receive(sessions: sessionmaker[Session], raw: bytes, envelope: Envelope) -> int:
@@ -33,14 +38,14 @@ def receive(sessions: sessionmaker[Session], raw: bytes, envelope: Envelope) -> 
     Raises whatever the database raises; callers must not acknowledge the message then.
     """
     digest = hashlib.sha256(raw).hexdigest()
-    message_id = message_id_of(raw)
+    message_id, key = identity_of(raw, digest)
     row = InboundMessage(
         source=envelope.source,
         raw=raw,
         size=len(raw),
         sha256=digest,
         message_id=message_id,
-        dedupe_key=dedupe_key(message_id, digest),
+        dedupe_key=key,
         mail_from=envelope.mail_from,
         rcpt_to=list(envelope.rcpt_to),
         peer=envelope.peer,

@@ -1,0 +1,145 @@
+"""The `mailintake` command line, run in-process (CliRunner) and as a real process."""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from typer.testing import CliRunner
+
+from cli import app
+from tests.conftest import DATA, corpus_dir
+from tests.mails import simple_mail
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cli(db_url, monkeypatch):
+    monkeypatch.setenv("MAILINTAKE_DATABASE__URL", db_url)
+    runner = CliRunner()
+
+    def run(*args: str, input: bytes | None = None):
+        return runner.invoke(app, ["--config", str(ROOT / "config.yaml"), *args], input=input)
+
+    return run
+
+
+def scalar(db_url: str, sql: str) -> int:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(sql)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_ingest_then_list_and_show_as_json(cli):
+    result = cli("ingest", str(DATA / "answering-service-iso2022jp.eml"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ticket"] == 1
+    listed = json.loads(cli("tickets", "list", "--json").stdout)
+    assert [t["key"] for t in listed] == ["INQ-1"]
+    shown = json.loads(cli("tickets", "show", "INQ-1", "--json").stdout)
+    assert "㈱髙島屋ワイン" in shown["body"]
+    message = json.loads(cli("messages", "show", "1", "--json").stdout)
+    assert (message["status"], message["source"]) == ("ticket", "file")
+
+
+def test_redmine_corpus_ingests_without_loss_and_twice_makes_no_ticket(cli, db_url):
+    folder = corpus_dir("redmine")
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix == ".eml"]
+    first = cli("ingest", str(folder), "--glob", "*.eml", "--json")
+    summary = json.loads(first.stdout)
+    assert summary["read"] == len(files) == scalar(db_url, "SELECT count(*) FROM inbound_messages")
+    fates = ("ticket", "comment", "duplicate", "dropped", "failed")
+    assert sum(summary[f] for f in fates) == len(files)
+    assert scalar(db_url, "SELECT count(*) FROM inbound_messages WHERE status = 'received'") == 0
+    assert first.exit_code == (1 if summary["failed"] else 0)
+    tickets = scalar(db_url, "SELECT count(*) FROM tickets")
+    second = json.loads(cli("ingest", str(folder), "--glob", "*.eml", "--json").stdout)
+    assert scalar(db_url, "SELECT count(*) FROM tickets") == tickets
+    assert second["ticket"] == 0
+    assert second["duplicate"] == summary["ticket"] + summary["comment"] + summary["duplicate"]
+
+
+def test_mbox_maildir_and_stdin(cli, tmp_path, db_url):
+    box = mailbox.mbox(tmp_path / "in.mbox")
+    for n in range(3):
+        box.add(simple_mail(subject=f"mbox {n}"))
+    box.close()
+    maildir = mailbox.Maildir(tmp_path / "Maildir")
+    maildir.add(simple_mail(subject="maildir"))
+    result = cli("ingest", str(tmp_path / "in.mbox"), str(tmp_path / "Maildir"), "--json")
+    assert json.loads(result.stdout)["ticket"] == 4
+    piped = cli("ingest", "-", "--json", input=simple_mail(subject="piped"))
+    assert json.loads(piped.stdout)["ticket"] == 1
+    assert scalar(db_url, "SELECT count(*) FROM inbound_messages WHERE source = 'stdin'") == 1
+
+
+def test_failed_message_makes_exit_code_1(cli):
+    result = cli("ingest", "-", "--json", input=b"\r\n")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["failed"] == 1
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tickets:\n  key_prefix: 'lower'\n")
+    result = CliRunner().invoke(app, ["--config", str(path), "tickets", "list"])
+    assert result.exit_code == 2
+    assert f"{path}:2: tickets.key_prefix" in result.stderr
+
+
+def test_missing_path_exits_2(cli):
+    result = cli("ingest", "/nonexistent/file.eml")
+    assert result.exit_code == 2
+    assert "/nonexistent/file.eml: no such file" in result.stderr
+
+
+def test_unreachable_database_exits_3(monkeypatch):
+    monkeypatch.setenv("MAILINTAKE_DATABASE__URL", "postgresql+psycopg://nobody@127.0.0.1:1/x")
+    result = CliRunner().invoke(app, ["--config", str(ROOT / "config.yaml"), "tickets", "list"])
+    assert result.exit_code == 3
+    assert "database unavailable" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_mid_ingest_then_rerun_processes_every_message_once(db_url, tmp_path):
+    total = 400
+    box = mailbox.mbox(tmp_path / "big.mbox")
+    for n in range(total):
+        box.add(simple_mail(subject=f"bulk {n}", message_id=f"<bulk-{n}@example.com>"))
+    box.close()
+    env = {**os.environ, "MAILINTAKE_DATABASE__URL": db_url}
+    command = [sys.executable, "-c", "import cli; cli.main()", "ingest", str(tmp_path / "big.mbox")]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if scalar_or_zero(db_url, "SELECT count(*) FROM tickets") >= 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = scalar(db_url, "SELECT count(*) FROM inbound_messages")
+    assert 0 < killed_at < total, "the kill should land in the middle of the ingest"
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert scalar(db_url, "SELECT count(*) FROM tickets") == total
+    assert scalar(db_url, "SELECT count(DISTINCT origin_key) FROM tickets") == total
+    assert scalar(db_url, "SELECT count(*) FROM inbound_messages WHERE status = 'received'") == 0
+
+
+def scalar_or_zero(db_url: str, sql: str) -> int:
+    try:
+        return scalar(db_url, sql)
+    except Exception:
+        return 0  # the child may not have created the schema yet
