@@ -3,19 +3,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from sqlalchemy import Engine
@@ -23,12 +26,23 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import ConfigError, Settings, load_settings
+from ingest.attempts import short_error
+from ingest.detect import detect
+from ingest.extract import extract, load_templates
 from ingest.files import MessageSource
+from ingest.imap import Hooks, folder_fetchers
 from ingest.intake import receive
-from ingest.mail import Envelope
+from ingest.mail import Envelope, IncomingMail
+from ingest.parse import UnreadableMail, parse
 from ingest.pipeline import PipelineContext, process, process_pending
+from ingest.replay import discard, first_header, headers_of, parse_since, replay, select_failed
+from ingest.service import ListenerError, Service, serve_until_signalled
+from rules.dryrun import DryRouter, decision_view, diff
+from rules.engine import CompiledRules, RulesRouter
+from rules.load import RulesError, load_rules
+from rules.reload import RulesHolder, watch_rules
 from storage import db, repo
-from storage.models import InboundMessage, MessageStatus, Ticket
+from storage.models import InboundMessage, MessageStatus, ProcessingAttempt, Ticket
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -41,9 +55,15 @@ db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(tickets_app, name="tickets")
 app.add_typer(messages_app, name="messages")
 app.add_typer(db_app, name="db")
+failed_app = typer.Typer(
+    help="See, export, replay or discard messages that failed.", no_args_is_help=True
+)
+app.add_typer(failed_app, name="failed")
+rules_app = typer.Typer(help="Check, try out and compare routing rules.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -53,9 +73,25 @@ class Runtime:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    _rules: RulesHolder | None = field(default=None, init=False, repr=False)
 
     def pipeline(self) -> PipelineContext:
-        return PipelineContext.with_default_routing(self.settings, self.sessions)
+        """The pipeline, routed by the rules file when `rules.path` is configured."""
+        holder = self.rules_holder()
+        if holder is None:
+            return PipelineContext.with_default_routing(self.settings, self.sessions)
+        router = RulesRouter(holder.current, self.settings.tickets)
+        return PipelineContext(self.settings, self.sessions, router)
+
+    def rules_holder(self) -> RulesHolder | None:
+        """The configured rules, loaded once per command; a bad file is a usage error."""
+        path = self.settings.rules.path
+        if path is not None and self._rules is None:
+            try:
+                self._rules = RulesHolder.load(path)
+            except RulesError as exc:
+                raise fail(f"rules file refused:\n{exc}", EXIT_USAGE) from exc
+        return self._rules
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -81,6 +117,7 @@ def main_options(
     )
     logging.getLogger("mailparser").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("imapclient").setLevel(logging.WARNING)  # protocol traces hold mail
     try:
         ctx.obj = load_settings(config)
     except ConfigError as exc:
@@ -167,7 +204,39 @@ def message_view(message: InboundMessage) -> dict[str, Any]:
         "defects": message.defects,
         "ticket_id": message.ticket_id,
         "duplicate_of_id": message.duplicate_of_id,
+        "next_attempt_at": iso(message.next_attempt_at),
+        "discard_reason": message.discard_reason,
     }
+
+
+def attempt_view(attempt: ProcessingAttempt) -> dict[str, Any]:
+    return {
+        "attempted_at": iso(attempt.attempted_at),
+        "outcome": attempt.outcome,
+        "stage": attempt.stage,
+        "error": short_error(attempt.error),
+        "host": attempt.host,
+        "pid": attempt.pid,
+        "username": attempt.username,
+        "command": attempt.command,
+    }
+
+
+def history_of(session: Session, inbound_id: int) -> list[dict[str, Any]]:
+    return [attempt_view(a) for a in repo.attempts_of(session, inbound_id)]
+
+
+def print_history(history: list[dict[str, Any]]) -> None:
+    out.print("[bold]history[/bold]:")
+    for entry in history:
+        where = f" at {entry['stage']}" if entry["stage"] else ""
+        error = f": {entry['error']}" if entry["error"] else ""
+        who = f"{entry['username'] or '?'}@{entry['host']} pid {entry['pid']}: {entry['command']}"
+        out.print(
+            f"  {entry['attempted_at']} {entry['outcome']}{where}{error} ({who})",
+            highlight=False,
+            markup=False,
+        )
 
 
 def print_json(data: Any) -> None:
@@ -190,11 +259,14 @@ def ingest(
         list[str],
         typer.Argument(help=".eml files, directories of them, mbox files, Maildirs, or - (stdin)."),
     ],
+    glob: Annotated[
+        str, typer.Option(help="In directories, read only files matching this pattern.")
+    ] = "*",
     json_output: JsonOption = False,
 ) -> None:
     """Store and process messages from files. Exits 1 if any message failed."""
     try:
-        sources = [MessageSource(p) for p in paths]
+        sources = [MessageSource(p, glob) for p in paths]
     except (FileNotFoundError, OSError) as exc:
         raise fail(str(exc), EXIT_USAGE) from exc
     fates: Counter[str] = Counter()
@@ -211,15 +283,148 @@ def ingest(
                     inbound_id = receive(rt.sessions, item.raw, envelope)
                     fates[process(pipeline, inbound_id) or "skipped"] += 1
                     bar.advance(task)
-    summary = {status.value: fates.get(status.value, 0) for status in MessageStatus}
-    summary.pop(MessageStatus.RECEIVED.value)
-    summary["read"] = sum(fates.values())
-    if json_output:
-        print_json(summary)
-    else:
-        out.print(", ".join(f"{v} {k}" for k, v in summary.items()))
+    print_fates(fates, json_output)
     if fates.get(MessageStatus.FAILED.value):
         raise typer.Exit(EXIT_FAILED)
+
+
+def print_fates(fates: Counter[str], json_output: bool, **extra: Any) -> None:
+    """The summary of a run: how many messages met each fate, and how many were read."""
+    summary: dict[str, Any] = {s.value: fates.get(s.value, 0) for s in MessageStatus}
+    summary.pop(MessageStatus.RECEIVED.value)
+    summary.pop(MessageStatus.DISCARDED.value)
+    summary["read"] = sum(fates.values())
+    if json_output:
+        print_json(summary | extra)
+    else:
+        out.print(", ".join(f"{v} {k}" for k, v in summary.items()))
+
+
+@app.command()
+def fetch(
+    ctx: typer.Context,
+    once: Annotated[
+        bool, typer.Option("--once", help="Fetch what is waiting now, then exit (for cron).")
+    ] = False,
+    account: Annotated[
+        str | None, typer.Option("--account", help="Only this account (imap.accounts name).")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Fetch mail from the configured IMAP accounts into tickets, then exit.
+
+    Exits 1 if a message failed or a folder could not be fetched. (`mailintake serve` fetches
+    continuously.)
+    """
+    if not once:
+        raise fail("fetch needs --once; `mailintake serve` fetches continuously", EXIT_USAGE)
+    names = [a.name for a in ctx.obj.imap.accounts]
+    if not names:
+        raise fail("no IMAP accounts configured (imap.accounts in the config)", EXIT_USAGE)
+    if account is not None and account not in names:
+        known = ", ".join(names)
+        raise fail(f"no IMAP account {account} in the config (have: {known})", EXIT_USAGE)
+    fates: Counter[str] = Counter()
+    errors: list[str] = []
+    with runtime(ctx) as rt, progress_bar("fetching") as bar:
+        pipeline = rt.pipeline()
+        process_pending(pipeline)
+        task = bar.add_task("fetch", total=0)
+
+        def received(inbound_id: int) -> None:
+            fates[process(pipeline, inbound_id) or "skipped"] += 1
+            bar.advance(task)
+
+        def unfetched(_inbound_id: int) -> None:
+            fates[MessageStatus.FAILED.value] += 1
+            bar.advance(task)
+
+        def found(count: int) -> None:
+            bar.update(task, total=(bar.tasks[0].total or 0) + count)
+
+        hooks = Hooks(received, found, unfetched)
+        for fetcher in folder_fetchers(rt.settings, rt.sessions, hooks, account):
+            try:
+                fetcher.fetch_once()
+            except Exception as exc:
+                errors.append(f"imap {fetcher.label}: {fetcher.describe(exc)}")
+    for error in errors:
+        err.print(f"[red]error:[/red] {escape(error)}", highlight=False)
+    print_fates(fates, json_output, errors=errors)
+    if errors or fates.get(MessageStatus.FAILED.value):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def parsed_view(mail: IncomingMail) -> dict[str, Any]:
+    """What the pipeline read from a message, before any rule or database."""
+    parsed = mail.parsed
+    assert parsed is not None
+    return {
+        "message_id": parsed.message_id,
+        "subject": parsed.subject,
+        "from": {"name": parsed.from_name, "email": parsed.from_email},
+        "date": iso(parsed.date),
+        "headers": [[name, value] for name, value in parsed.headers],
+        "source_kind": mail.source_kind,
+        "auto_reply": mail.auto_reply,
+        "fields": mail.fields,
+        "text": parsed.text,
+        "reply_text": parsed.reply_text if parsed.reply_text != parsed.text else None,
+        "html": parsed.html,
+        "attachments": [
+            {
+                "filename": a.filename,
+                "original_filename": a.original_filename,
+                "content_type": a.content_type,
+                "size": len(a.content),
+                "inline": a.inline,
+                "content_id": a.content_id,
+            }
+            for a in parsed.attachments
+        ],
+        "defects": parsed.defects,
+    }
+
+
+@app.command("parse")
+def parse_file(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="One message file (.eml).")],
+    json_output: JsonOption = False,
+) -> None:
+    """Show what the pipeline reads from a message file: headers, text, attachments, defects,
+    detected kind and extracted fields. Uses no database."""
+    settings: Settings = ctx.obj
+    try:
+        raw = path.read_bytes()
+        templates = load_templates(settings.templates.path)
+    except OSError as exc:
+        raise fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_USAGE) from exc
+    except ConfigError as exc:
+        raise fail(f"bad templates:\n{exc}", EXIT_USAGE) from exc
+    envelope = Envelope(source="file", extra={"origin": str(path)})
+    mail = IncomingMail(0, raw, envelope, datetime.now(UTC))
+    try:
+        mail.parsed = parse(raw)
+    except UnreadableMail as exc:
+        raise fail(f"{path}: {exc}", EXIT_FAILED) from exc
+    detect(mail)
+    extract(mail, templates)
+    view = parsed_view(mail)
+    if json_output:
+        print_json(view)
+        return
+    for name in ("message_id", "subject", "from", "date", "source_kind", "auto_reply", "fields"):
+        out.print(f"[bold]{name}[/bold]: {escape(str(view[name]))}", highlight=False)
+    for attachment in view["attachments"]:
+        out.print(f"attachment: {attachment}", highlight=False, markup=False)
+    for defect in view["defects"]:
+        out.print(f"defect: {defect}", highlight=False, markup=False)
+    out.print("--- headers", highlight=False)
+    for name, value in view["headers"]:
+        out.print(f"{name}: {value}", highlight=False, markup=False)
+    out.print("--- text", highlight=False)
+    out.print(view["text"], highlight=False, markup=False)
 
 
 @tickets_app.command("list")
@@ -279,7 +484,8 @@ def tickets_show(
 def messages_list(
     ctx: typer.Context,
     status: Annotated[
-        str | None, typer.Option(help="received, ticket, comment, duplicate, dropped or failed.")
+        str | None,
+        typer.Option(help="received, ticket, comment, duplicate, dropped, failed or discarded."),
     ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
     json_output: JsonOption = False,
@@ -305,12 +511,423 @@ def messages_show(
         message = repo.message_by_id_or_message_id(session, ref)
         if message is None:
             raise fail(f"no message {ref}", EXIT_FAILED)
-        view = message_view(message)
+        view = message_view(message) | {"history": history_of(session, message.id)}
     if json_output:
         print_json(view)
         return
     for name, value in view.items():
-        out.print(f"[bold]{name}[/bold]: {value}", highlight=False)
+        if name != "history":
+            out.print(f"[bold]{name}[/bold]: {value}", highlight=False)
+    print_history(view["history"])
+
+
+SinceOption = Annotated[
+    str | None,
+    typer.Option(help="Received within 2d, 12h, 30m, 1w, or since an ISO date (2026-11-20)."),
+]
+StageOption = Annotated[
+    str | None, typer.Option(help="Failed at this stage: parse, claim, route or store.")
+]
+ErrorOption = Annotated[
+    str | None, typer.Option(help="The error text contains this (case-insensitive).")
+]
+SourceOption = Annotated[
+    str | None, typer.Option(help="Arrived by smtp, lmtp, imap, file or stdin.")
+]
+HEADER_BYTES = 64 * 1024  # `failed list` reads only this much of each message for its headers
+
+
+def failed_filter(
+    since: str | None, stage: str | None, error: str | None, source: str | None
+) -> repo.FailedFilter:
+    try:
+        moment = parse_since(since) if since else None
+    except ValueError as exc:
+        raise fail(f"--since: {exc}", EXIT_USAGE) from exc
+    return repo.FailedFilter(since=moment, stage=stage, error=error, source=source)
+
+
+def failed_view(message: InboundMessage, raw_head: bytes) -> dict[str, Any]:
+    headers = headers_of(raw_head)
+    return {
+        "id": message.id,
+        "received_at": iso(message.received_at),
+        "source": message.source,
+        "message_id": message.message_id,
+        "from": first_header(headers, "From") or message.mail_from,
+        "subject": first_header(headers, "Subject"),
+        "stage": message.fail_stage,
+        "error": short_error(message.error),
+        "attempts": message.attempts,
+        "failed_at": iso(message.processed_at),
+        "next_attempt_at": iso(message.next_attempt_at),
+    }
+
+
+def ledger_message(session: Session, ref: str) -> InboundMessage:
+    message = repo.message_by_id_or_message_id(session, ref)
+    if message is None:
+        raise fail(f"no message {ref} in the ledger", EXIT_FAILED)
+    return message
+
+
+@failed_app.command("list")
+def failed_list(
+    ctx: typer.Context,
+    since: SinceOption = None,
+    stage: StageOption = None,
+    error: ErrorOption = None,
+    source: SourceOption = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+    json_output: JsonOption = False,
+) -> None:
+    """List failed messages, newest first."""
+    wanted = failed_filter(since, stage, error, source)
+    with runtime(ctx) as rt, rt.sessions() as session:
+        found = repo.failed_with_head(session, wanted, limit, HEADER_BYTES)
+        rows = [failed_view(message, head) for message, head in found]
+    if json_output:
+        print_json(rows)
+        return
+    columns = ["id", "received_at", "from", "subject", "stage", "error", "attempts"]
+    print_table("failed messages", columns, [[r[c] for c in columns] for r in rows])
+
+
+@failed_app.command("show")
+def failed_show(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="Ledger id or Message-ID.")],
+    json_output: JsonOption = False,
+) -> None:
+    """Show a message's envelope, headers, full error with traceback, and attempts history."""
+    with runtime(ctx) as rt, rt.sessions() as session:
+        message = ledger_message(session, ref)
+        view = message_view(message) | {
+            "envelope": message.envelope,
+            "headers": [[name, value] for name, value in headers_of(message.raw)],
+            "history": history_of(session, message.id),
+        }
+    if json_output:
+        print_json(view)
+        return
+    for name, value in view.items():
+        if name not in ("error", "headers", "history"):
+            out.print(f"[bold]{name}[/bold]: {value}", highlight=False)
+    out.print("[bold]headers[/bold]:")
+    for name, value in view["headers"]:
+        out.print(f"  {name}: {value}", highlight=False, markup=False)
+    out.print("[bold]error[/bold]:")
+    out.print(view["error"] or "  (none)", highlight=False, markup=False)
+    print_history(view["history"])
+
+
+@failed_app.command("export")
+def failed_export(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="Ledger id or Message-ID.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
+    ] = None,
+) -> None:
+    """Write a message's exact raw bytes, e.g. to make a test case."""
+    with runtime(ctx) as rt, rt.sessions() as session:
+        message = ledger_message(session, ref)
+        inbound_id, raw = message.id, message.raw
+    if output is None:
+        stdout = typer.get_binary_stream("stdout")
+        stdout.write(raw)
+        stdout.flush()
+        return
+    try:
+        output.write_bytes(raw)
+    except OSError as exc:
+        raise fail(f"{output}: cannot write: {exc.strerror or exc}", EXIT_USAGE) from exc
+    err.print(f"wrote message {inbound_id} ({len(raw)} bytes) to {output}", highlight=False)
+
+
+@failed_app.command("replay")
+def failed_replay(
+    ctx: typer.Context,
+    ids: Annotated[list[int] | None, typer.Argument(help="Ledger ids to replay.")] = None,
+    all_failed: Annotated[bool, typer.Option("--all", help="Every failed message.")] = False,
+    since: SinceOption = None,
+    stage: StageOption = None,
+    error: ErrorOption = None,
+    source: SourceOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only show what would be replayed.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Run failed messages through today's code and rules. Exits 1 if any still fail."""
+    selecting = all_failed or any(f is not None for f in (since, stage, error, source))
+    if bool(ids) == selecting:
+        raise fail(
+            "give ledger ids, or --all and/or filters (--since, --stage, --error, --source)",
+            EXIT_USAGE,
+        )
+    wanted = failed_filter(since, stage, error, source)
+    with runtime(ctx) as rt:
+        chosen = list(dict.fromkeys(ids)) if ids else select_failed(rt.sessions, wanted)
+        if dry_run:
+            with rt.sessions() as session:
+                statuses = repo.statuses_of(session, chosen)
+            report_dry_run(chosen, statuses, json_output)
+            return
+        with progress_bar("replaying") as bar:
+            task = bar.add_task("replay", total=len(chosen))
+            result = replay(rt.pipeline(), chosen, lambda: bar.advance(task))
+    summary = {
+        "selected": len(chosen),
+        "fates": result.counts(),
+        "still_failed": result.still_failed,
+        "missing": result.missing,
+    }
+    if json_output:
+        print_json(summary)
+    else:
+        fates = ", ".join(f"{n} {fate}" for fate, n in summary["fates"].items() if n)
+        out.print(f"replayed {len(chosen)} message(s): {fates or 'nothing to do'}")
+        if result.still_failed:
+            out.print(f"still failing: {' '.join(map(str, result.still_failed))}")
+        if result.missing:
+            out.print(f"not in the ledger: {' '.join(map(str, result.missing))}")
+    if not result.ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def report_dry_run(chosen: list[int], statuses: dict[int, str], json_output: bool) -> None:
+    """What a replay would touch; exits 1 if an id is not in the ledger."""
+    messages = [{"id": i, "status": statuses.get(i)} for i in chosen]
+    if json_output:
+        print_json({"dry_run": True, "selected": len(chosen), "messages": messages})
+    else:
+        out.print(f"would replay {len(chosen)} message(s)")
+        for m in messages:
+            out.print(f"  {m['id']}: {m['status'] or 'not in the ledger'}", highlight=False)
+    if len(statuses) < len(chosen):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@failed_app.command("discard")
+def failed_discard(
+    ctx: typer.Context,
+    ids: Annotated[list[int], typer.Argument(help="Ledger ids of failed messages.")],
+    reason: Annotated[str, typer.Option(help="Why they need no replay (kept for audit).")],
+    json_output: JsonOption = False,
+) -> None:
+    """Mark failed messages handled; the row and its raw bytes stay. Exits 1 if an id is not
+    a failed message."""
+    if not reason.strip():
+        raise fail("--reason must say why the messages are discarded", EXIT_USAGE)
+    with runtime(ctx) as rt:
+        results = discard(rt.sessions, ids, reason.strip())
+    grouped = {
+        outcome: [i for i, r in results.items() if r == outcome]
+        for outcome in ("discarded", "not_failed", "missing")
+    }
+    if json_output:
+        print_json(grouped)
+    else:
+        labels = {"not_failed": "not failed", "missing": "not in the ledger"}
+        for outcome, found in grouped.items():
+            if found:
+                listed = " ".join(map(str, found))
+                out.print(f"{labels.get(outcome, outcome)}: {listed}", highlight=False)
+    if grouped["not_failed"] or grouped["missing"]:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def serve(ctx: typer.Context) -> None:
+    """Receive mail by SMTP (and LMTP) and turn it into tickets until SIGTERM/SIGINT.
+
+    Exits 2 if a listener cannot start (e.g. its port is taken), 3 if the database is unavailable.
+    """
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
+    with runtime(ctx) as rt:
+        try:
+            service = Service(rt.settings, rt.pipeline())
+            holder = rt.rules_holder()
+            if holder is not None:
+                service.add_task("rules-reload", partial(watch_rules, holder))
+            asyncio.run(serve_until_signalled(service))
+        except ListenerError as exc:
+            raise fail(str(exc), EXIT_USAGE) from exc
+
+
+RulesFileOption = Annotated[
+    Path | None,
+    typer.Option("--rules", help="Rules file to use (default: rules.path from the config)."),
+]
+
+
+def configured_rules_path(ctx: typer.Context, given: Path | None) -> Path:
+    path = given or ctx.obj.rules.path
+    if path is None:
+        raise fail("no rules file: give one, or set rules.path in the config", EXIT_USAGE)
+    return path
+
+
+def load_rules_or_exit(path: Path, code: int = EXIT_FAILED) -> CompiledRules:
+    """The compiled rules, or every problem on stderr and exit `code`."""
+    try:
+        return load_rules(path)
+    except RulesError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]error:[/red] {problem}", highlight=False)
+        raise typer.Exit(code) from exc
+
+
+def rules_summary(rules: CompiledRules) -> dict[str, Any]:
+    source = rules.source
+    return {
+        "path": str(rules.path),
+        "version": rules.version,
+        "rules": [{"name": r.name, "line": r.line} for r in rules.rules],
+        "people": list(source.people),
+        "teams": {
+            name: {"members": team.members, "strategy": team.strategy}
+            for name, team in source.teams.items()
+        },
+        "categories": source.categories,
+        "priorities": source.priorities,
+        "warnings": rules.warnings,
+    }
+
+
+@rules_app.command("check")
+def rules_check(
+    ctx: typer.Context,
+    path: Annotated[
+        Path | None, typer.Argument(help="Rules file (default: rules.path from the config).")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Validate a rules file and summarise it. Exits 1 if it has errors (warnings do not)."""
+    rules = load_rules_or_exit(configured_rules_path(ctx, path))
+    summary = rules_summary(rules)
+    if json_output:
+        print_json(summary)
+        return
+    out.print(f"{rules.path}: ok, version {rules.version[:12]}", highlight=False)
+    out.print(f"{len(rules.rules)} rules: " + ", ".join(r.name for r in rules.rules))
+    out.print("people: " + ", ".join(summary["people"]))
+    for name, team in summary["teams"].items():
+        out.print(f"team {name} ({team['strategy']}): {', '.join(team['members'])}")
+    for warning in rules.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+
+
+def explained(path: Path, mail: IncomingMail, evaluation: Any) -> dict[str, Any]:
+    parsed, decision = mail.parsed, mail.decision
+    assert parsed is not None and decision is not None
+    return {
+        "file": str(path),
+        "message_id": parsed.message_id,
+        "subject": parsed.subject,
+        "from": parsed.from_email,
+        "source_kind": mail.source_kind,
+        "fields": json.loads(json.dumps(mail.fields, default=str, ensure_ascii=False)),
+        "auto_reply": mail.auto_reply,
+        "follow_up_ticket_id": mail.follow_up_ticket_id,
+        "rules": evaluation.to_dict()["rules"],
+        "decision": decision_view(decision),
+    }
+
+
+def print_explained(result: dict[str, Any]) -> None:
+    say = partial(out.print, highlight=False, soft_wrap=True)
+    say(f"[bold]{escape(result['file'])}[/bold] {escape(result['subject'])}")
+    facts = ["from", "source_kind", "auto_reply", "follow_up_ticket_id"]
+    say("  " + "  ".join(f"{k}: {result[k]}" for k in facts), markup=False)
+    marks = {"applied": "[green]✓ applied[/green]", "missed": "[dim]✗ missed[/dim]"}
+    for rule in result["rules"]:
+        mark = marks.get(rule["result"], "[yellow]✓ matched, not applied[/yellow]")
+        reason = f": {escape(rule['reason'])}" if rule["reason"] else ""
+        say(f"  {mark} {rule['rule']} (line {rule['line']}){reason}")
+    decision = {k: v for k, v in result["decision"].items() if v not in (None, [], {}, False)}
+    version = decision.pop("rules_version", "")[:12]
+    shown = ", ".join(f"{k}: {v}" for k, v in decision.items())
+    say(f"  → {shown} (rules {version})\n", markup=False)
+
+
+@rules_app.command("test")
+def rules_test(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(help=".eml files to route.")],
+    rules_file: RulesFileOption = None,
+    received_at: Annotated[
+        datetime | None,
+        typer.Option(help="Pretend the mails arrived then (ISO time; default: now, UTC)."),
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Route mails with the real parser and rules, writing nothing, and explain every rule:
+    whether it matched and, if not, which condition failed; then the decision."""
+    rules = load_rules_or_exit(configured_rules_path(ctx, rules_file))
+    moment = received_at or datetime.now(UTC)
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    results = []
+    with runtime(ctx) as rt:
+        router = DryRouter(rt.settings, rt.sessions, rules)
+        for path in files:
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_USAGE) from exc
+            mail = IncomingMail(
+                0, raw, Envelope(source="file", extra={"origin": str(path)}), moment
+            )
+            evaluation = router.route(mail)
+            results.append(explained(path, mail, evaluation))
+    if json_output:
+        print_json(results)
+        return
+    for result in results:
+        print_explained(result)
+
+
+@rules_app.command("diff")
+def rules_diff(
+    ctx: typer.Context,
+    new_rules: Annotated[Path, typer.Argument(help="The edited rules file to compare.")],
+    since: Annotated[
+        str, typer.Option(help="Replay mails received since: 7d, 12h, or an ISO date.")
+    ] = "7d",
+    json_output: JsonOption = False,
+) -> None:
+    """Replay recent stored mails through the current and the new rules and list those whose
+    fate, category, assignee or priority would change. Nothing is written."""
+    try:
+        start = parse_since(since)
+    except ValueError as exc:
+        raise fail(str(exc), EXIT_USAGE) from exc
+    current = load_rules_or_exit(configured_rules_path(ctx, None), EXIT_USAGE)
+    new = load_rules_or_exit(new_rules)
+    with runtime(ctx) as rt:
+        replayed, changes = diff(rt.settings, rt.sessions, current, new, start)
+    rows = [
+        {
+            "inbound_id": c.inbound_id,
+            "ticket": c.ticket_key,
+            "subject": c.subject,
+            "changes": {k: {"current": a, "new": b} for k, (a, b) in c.differences().items()},
+        }
+        for c in changes
+    ]
+    if json_output:
+        print_json({"replayed": replayed, "changed": rows})
+        return
+    columns = ["inbound_id", "ticket", "subject", "changes"]
+    table = [
+        [
+            *(r[c] for c in columns[:3]),
+            "; ".join(f"{k}: {v['current']} → {v['new']}" for k, v in r["changes"].items()),
+        ]
+        for r in rows
+    ]
+    print_table(f"would change ({len(rows)} of {replayed} since {iso(start)})", columns, table)
 
 
 @db_app.command("upgrade")

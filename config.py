@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
@@ -43,6 +51,134 @@ class IntakeSettings(Section):
     max_message_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
 
 
+class TemplateSettings(Section):
+    """The source templates file (see templates.yaml); a missing file means no templates."""
+
+    path: Path = Path("templates.yaml")
+
+
+class RulesSettings(Section):
+    """The routing rules file (see rules.yaml). None: every ticket gets the `tickets` defaults;
+    a path that cannot be read or validated stops startup rather than routing wrongly."""
+
+    path: Path | None = None
+
+
+class RetrySettings(Section):
+    """Automatic retry of transient failures (database errors, lock timeouts).
+
+    The wait before retry n is backoff_seconds * 2**(n-1), at most max_backoff_seconds; after
+    max_attempts processing attempts a message waits for `mailintake failed replay`.
+    """
+
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_seconds: float = Field(default=60, gt=0)
+    max_backoff_seconds: float = Field(default=3600, gt=0)
+
+
+class ListenerSettings(Section):
+    """Where a listener binds; port 0 takes any free port (tests do)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=2525, ge=0, le=65535)
+
+
+class SmtpSettings(ListenerSettings):
+    """The SMTP listener, and the acceptance policy the LMTP listener shares."""
+
+    hostname: str | None = None  # greeting and trace name; default: this host's FQDN
+    accept_domains: list[str] = Field(default_factory=lambda: ["wine-importer.example.jp"])
+    accept_addresses: list[str] = Field(default_factory=list)
+    accept_any_recipient: bool = False
+    max_recipients: int = Field(default=50, ge=1)
+    max_connections: int = Field(default=100, ge=1)
+    timeout_seconds: float = Field(default=300, gt=0)
+    allow_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_tls: bool = False
+    auth_users: dict[str, SecretStr] = Field(default_factory=dict)
+    auth_required: bool = False
+    auth_require_tls: bool = True
+    shutdown_grace_seconds: float = Field(default=30, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SmtpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.require_tls and self.tls_cert is None:
+            raise ValueError("require_tls needs tls_cert and tls_key")
+        if self.auth_required and not self.auth_users:
+            raise ValueError("auth_required needs at least one entry in auth_users")
+        if self.auth_users and self.auth_require_tls and self.tls_cert is None:
+            raise ValueError("AUTH is offered only after STARTTLS: set tls_cert and tls_key")
+        return self
+
+
+class LmtpSettings(ListenerSettings):
+    """The LMTP listener (for Postfix/Exim delivering with LMTP); off unless enabled."""
+
+    enabled: bool = False
+    port: int = Field(default=2424, ge=0, le=65535)
+
+
+class ImapAccount(Section):
+    """One mailbox to fetch from; exactly one of the four credential keys must be set."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    host: str
+    port: int | None = Field(default=None, ge=1, le=65535)  # default: 993 for tls, else 143
+    security: Literal["tls", "starttls", "none"] = "tls"
+    ca_file: Path | None = None  # PEM CA bundle for a private CA; default: the system's
+    username: str
+    password: SecretStr | None = None
+    password_env: str | None = None
+    token_command: str | None = None  # prints an OAuth2 access token (XOAUTH2) on stdout
+    token_file: Path | None = None  # holds an OAuth2 access token, kept fresh by another tool
+    folders: list[str] = Field(default_factory=lambda: ["INBOX"], min_length=1)
+    after: Literal["seen", "move", "delete"] = "seen"
+    move_to: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImapAccount:
+        credentials = ("password", "password_env", "token_command", "token_file")
+        given = [key for key in credentials if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of {', '.join(credentials)} (got {len(given)})")
+        if self.after == "move" and not self.move_to:
+            raise ValueError("after: move needs move_to (the folder to move fetched mail to)")
+        if self.move_to and self.move_to in self.folders:
+            raise ValueError(f"move_to {self.move_to!r} is one of the fetched folders")
+        return self
+
+    @property
+    def server_port(self) -> int:
+        return self.port or (993 if self.security == "tls" else 143)
+
+
+class ImapSettings(Section):
+    """The IMAP fetchers run by `mailintake serve` and `mailintake fetch --once`."""
+
+    accounts: list[ImapAccount] = Field(default_factory=list)
+    idle: bool = True  # wait with IDLE when the server offers it, else poll
+    idle_renew_seconds: float = Field(default=540, gt=0)
+    poll_interval_seconds: float = Field(default=60, gt=0)
+    batch_size: int = Field(default=50, ge=1)
+    timeout_seconds: float = Field(default=60, gt=0)
+    backoff_initial_seconds: float = Field(default=2, gt=0)
+    backoff_max_seconds: float = Field(default=300, gt=0)
+    stalled_after_seconds: float = Field(default=900, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ImapSettings:
+        names = [account.name for account in self.accounts]
+        doubled = sorted({name for name in names if names.count(name) > 1})
+        if doubled:
+            raise ValueError(f"account names must be unique: {', '.join(doubled)}")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration; see the commented `config.yaml` for every key."""
 
@@ -53,6 +189,12 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     tickets: TicketSettings = TicketSettings()
     intake: IntakeSettings = IntakeSettings()
+    templates: TemplateSettings = TemplateSettings()
+    rules: RulesSettings = RulesSettings()
+    retry: RetrySettings = RetrySettings()
+    smtp: SmtpSettings = SmtpSettings()
+    lmtp: LmtpSettings = LmtpSettings()
+    imap: ImapSettings = ImapSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -77,6 +219,11 @@ def load_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return parse_yaml(text, path)
+
+
+def parse_yaml(text: str, path: Path) -> Any:
+    """Parse YAML text read from `path`; the ConfigError's cause is ruamel's error (with marks)."""
     try:
         return YAML(typ="rt").load(text)
     except YAMLError as exc:

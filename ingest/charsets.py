@@ -2,8 +2,11 @@
 
 Python's own `iso-2022-jp` codec rejects the CP932 characters that Japanese mailers put inside
 ISO-2022-JP (①, ㈱, 髙, ...), and `shift_jis` rejects the same in Shift_JIS. Mail labelled with
-those charsets is decoded here as its CP932 superset. Every decode returns the text and a list of
-defects (a wrong or missing label, bytes that had to be replaced).
+those charsets is decoded here as its CP932 superset. Labels are trusted only while the bytes
+agree with them: 8-bit bytes under an ISO-2022-JP or US-ASCII label, bytes invalid in the
+labelled charset, or no label at all send the bytes to `guess`, which prefers UTF-8, then the
+Japanese encoding that yields real kana, then charset-normalizer. Every decode returns the text
+and a list of defects (a wrong or missing label, bytes that had to be replaced).
 """
 
 from __future__ import annotations
@@ -103,19 +106,24 @@ def iso2022jp_to_cp932_bytes(data: bytes) -> bytes:
     return bytes(out)
 
 
+UTF7_LABELS = {"utf-7", "unicode-1-1-utf-7", "csunicode11utf7", "x-utf-7"}
+# Labels that say nothing about 8-bit bytes: the bytes must be guessed.
+UNTRUSTED_FOR_8BIT = ISO2022JP_LABELS | {"ascii", "us-ascii", "unknown-8bit", "x-unknown"}
+# Single-byte labels under which valid multi-byte UTF-8 is far more likely UTF-8 mislabelled.
+SINGLE_BYTE_CODECS = {"cp1252", "iso8859-1", "iso8859-15", "iso8859-2", "cp1250"}
+JAPANESE_CODECS = ("cp932", "euc_jp", "euc_jis_2004")
+# A decode counts as Japanese when this share of its non-ASCII characters are kana.
+KANA_SHARE = 0.15
+
+
 def looks_like_iso2022jp(data: bytes) -> bool:
-    return data.isascii() and any(esc in data for esc in JIS_ESCAPES)
+    return any(esc in data for esc in JIS_ESCAPES)
 
 
 def normalise_label(charset: str | None) -> str | None:
     if not charset:
         return None
     return charset.strip().strip("\"'").lower() or None
-
-
-def _detect(data: bytes) -> str | None:
-    best = from_bytes(data).best()
-    return best.encoding if best else None
 
 
 def _known_codec(label: str) -> str | None:
@@ -126,51 +134,105 @@ def _known_codec(label: str) -> str | None:
         return None
 
 
+def _strict(data: bytes, codec: str) -> str | None:
+    try:
+        return data.decode(codec)
+    except (UnicodeDecodeError, LookupError):
+        return None
+
+
+def kana_share(text: str) -> float:
+    """Share of hiragana/katakana among the non-ASCII characters (0 for ASCII text)."""
+    wide = [c for c in text if ord(c) > 0x7F]
+    if not wide:
+        return 0.0
+    kana = sum(1 for c in wide if 0x3041 <= ord(c) <= 0x30FF)
+    return kana / len(wide)
+
+
+def _japanese(data: bytes) -> tuple[str, str] | None:
+    """The Japanese codec under which `data` reads as the most kana-rich text, if any."""
+    decoded = ((c, _strict(data, c)) for c in JAPANESE_CODECS)
+    scored = [(kana_share(text), codec, text) for codec, text in decoded if text is not None]
+    if not scored:
+        return None
+    share, codec, text = max(scored, key=lambda item: item[0])
+    return (text, codec) if share >= KANA_SHARE else None
+
+
+def _mostly_utf8(data: bytes) -> str | None:
+    """UTF-8 with a few broken bytes (a truncated or damaged character), decoded with U+FFFD."""
+    text = data.decode("utf-8", "replace")
+    bad = text.count("\ufffd")
+    good = sum(1 for c in text if ord(c) > 0x7F) - bad
+    return text if good > 0 and bad * 4 <= good else None
+
+
+def guess(data: bytes) -> tuple[str, str]:
+    """Decode 8-bit `data` whose label is missing or wrong; returns text and the codec used."""
+    text = _strict(data, "utf-8")
+    if text is not None:
+        return text, "utf-8"
+    japanese = _japanese(data)
+    if japanese is not None:
+        return japanese
+    text = _mostly_utf8(data)
+    if text is not None:
+        return text, "utf-8 (damaged)"
+    best = from_bytes(data).best()
+    if best is not None:
+        codec = _known_codec(best.encoding.lower()) or best.encoding
+        text = _strict(data, codec)
+        if text is not None:
+            return text, codec
+    # cp1252 leaves five bytes undefined; latin-1 reads every byte.
+    return _strict(data, "cp1252") or data.decode("latin-1"), "cp1252"
+
+
+def decode_iso2022jp(data: bytes, label: str | None) -> tuple[str, list[str]]:
+    defects = []
+    if label not in ISO2022JP_LABELS:
+        defects.append(f"charset labelled {label or 'nothing'} but is ISO-2022-JP")
+    text = iso2022jp_to_cp932_bytes(data).decode("cp932", "replace")
+    if "\ufffd" in text:
+        defects.append("ISO-2022-JP with undecodable bytes replaced")
+    return text, defects
+
+
+def _labelled(data: bytes, label: str) -> str | None:
+    """`data` decoded as its label says, or None when the label cannot be trusted for it."""
+    if label in UNTRUSTED_FOR_8BIT:
+        return None
+    if label in EUC_JP_LABELS:
+        return _strict(data, "euc_jp") or _strict(data, "euc_jis_2004")
+    codec = _known_codec(label)
+    if codec is None:
+        return None
+    text = _strict(data, codec)
+    if text is not None and codec in SINGLE_BYTE_CODECS and _strict(data, "utf-8") is not None:
+        return None  # valid multi-byte UTF-8 under a single-byte label: it is UTF-8
+    return text
+
+
 def decode_bytes(data: bytes, charset: str | None) -> tuple[str, list[str]]:
     """Decode `data` declared as `charset` (may be None or wrong); return text and defects."""
     label = normalise_label(charset)
-    defects: list[str] = []
-    if looks_like_iso2022jp(data) or label in ISO2022JP_LABELS:
-        if label not in ISO2022JP_LABELS:
-            defects.append(f"charset labelled {label or 'nothing'} but is ISO-2022-JP")
-        return _decode_strict_or_replace(iso2022jp_to_cp932_bytes(data), "cp932", defects)
-    if label in EUC_JP_LABELS:
-        for codec in ("euc_jp", "euc_jis_2004"):
-            try:
-                return data.decode(codec), defects
-            except UnicodeDecodeError:
-                continue
-        return _decode_strict_or_replace(data, "euc_jp", defects)
+    if looks_like_iso2022jp(data):
+        return decode_iso2022jp(data, label)
     if data.isascii():
-        return data.decode("ascii"), defects
-    codec = _known_codec(label) if label else None
-    if codec and codec != "ascii":
-        try:
-            return data.decode(codec), defects
-        except UnicodeDecodeError:
-            defects.append(f"bytes are not valid {label}")
-    elif label and codec is None:
-        defects.append(f"unknown charset {label!r}")
-    elif label:
-        defects.append(f"8-bit bytes in text labelled {label}")
-    try:
-        text = data.decode("utf-8")
-        if label:
-            defects.append("decoded as utf-8")
-        return text, defects
-    except UnicodeDecodeError:
-        pass
-    detected = _detect(data)
-    if detected is None:
-        return _decode_strict_or_replace(data, codec or "utf-8", defects)
-    defects.append(f"charset detected as {detected}")
-    detected_codec = _known_codec(detected.lower()) or detected
-    return _decode_strict_or_replace(data, detected_codec, defects)
-
-
-def _decode_strict_or_replace(data: bytes, codec: str, defects: list[str]) -> tuple[str, list[str]]:
-    try:
-        return data.decode(codec), defects
-    except UnicodeDecodeError as exc:
-        defects.append(f"undecodable bytes replaced ({codec}: {exc.reason} at {exc.start})")
-        return data.decode(codec, "replace"), defects
+        if label in UTF7_LABELS:
+            text = _strict(data, "utf-7")
+            if text is not None:
+                return text, []
+            return data.decode("ascii"), [f"bytes are not valid {label}"]
+        return data.decode("ascii"), []
+    if label is not None:
+        text = _labelled(data, label)
+        if text is not None:
+            return text, []
+    text, codec = guess(data)
+    what = f"labelled {label}" if label else "not labelled"
+    defects = [f"8-bit text {what}: decoded as {codec}"]
+    if "\ufffd" in text:
+        defects.append("undecodable bytes replaced")
+    return text, defects

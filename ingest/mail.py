@@ -46,6 +46,7 @@ class ParsedMail:
     in_reply_to: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
+    reply_text: str | None = None  # `text` without the quoted earlier message (set by detect)
 
     def header(self, name: str) -> str | None:
         """First value of header `name` (case-insensitive), decoded."""

@@ -1,11 +1,13 @@
 """Raw bytes -> ParsedMail. mail-parser reads the MIME structure; text is decoded here.
 
-mail-parser (4.8) leaves 7-bit ISO-2022-JP bodies undecoded and garbles CP932 characters, so
-headers and text parts are decoded from the raw part bytes with `charsets.decode_bytes`.
+mail-parser (4.8) leaves 7-bit ISO-2022-JP bodies undecoded, garbles CP932 characters and hands
+back raw 8-bit headers as replacement characters, so header values are read undecoded
+(`Message.raw_items`) and headers and text parts are decoded with `charsets.decode_bytes`.
 """
 
 from __future__ import annotations
 
+import mimetypes
 import re
 import unicodedata
 from datetime import datetime
@@ -13,6 +15,7 @@ from email.header import decode_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 from pathlib import PurePosixPath
+from urllib.parse import unquote_to_bytes
 
 import mailparser
 from inscriptis import get_text
@@ -23,6 +26,13 @@ from ingest.mail import MailAttachment, ParsedMail
 MSGID_RE = re.compile(r"<[^<>\s]+>")
 FILENAME_FORBIDDEN = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
+# A folded header line continues after CRLF + whitespace; unfolded before decoding.
+FOLDING = re.compile(r"\r?\n[ \t]")
+# The start of each parameter in a header; values between are taken whole, so an unquoted
+# RFC 2231 value with `;` or `"` inside (seen from Japanese mailers) stays in one piece.
+PARAM_START = re.compile(r";\s*([A-Za-z0-9_.-]+?)(\*\d+)?(\*)?\s*=")
+BOM = b"\xef\xbb\xbf"
+MAX_DEPTH = 32  # MIME nesting beyond this is not read (attachment bombs, endless nesting)
 
 
 class UnreadableMail(ValueError):
@@ -30,25 +40,52 @@ class UnreadableMail(ValueError):
 
 
 def decode_header_value(value: str | None, defects: list[str]) -> str:
-    """Decode RFC 2047 encoded words and raw 8-bit bytes in one header value."""
+    """Decode RFC 2047 encoded words and raw 8-bit bytes (kept as surrogates) in one value.
+
+    Adjacent encoded words in one charset are joined before decoding, so a character split
+    across two words (common in Japanese subjects) comes out whole.
+    """
     if value is None:
         return ""
-    value = str(value)
+    value = FOLDING.sub(" ", str(value))
+    try:
+        chunks = decode_header(value)
+    except (ValueError, LookupError, AssertionError):
+        defects.append(f"malformed encoded word in header: {value[:80]!r}")
+        chunks = [(value, None)]
     parts = []
-    for chunk, charset in decode_header(value):
+    for chunk, charset in chunks:
         raw = chunk if isinstance(chunk, bytes) else chunk.encode("utf-8", "surrogateescape")
-        text, found = decode_bytes(raw.replace(b"\r", b"").replace(b"\n", b""), charset)
-        defects.extend(found)
+        text, found = decode_bytes(raw, charset)
+        defects.extend(f"header: {d}" for d in found)
         parts.append(text)
-    return "".join(parts).strip()
+    return " ".join("".join(parts).split())
 
 
-def _headers(msg: Message, defects: list[str]) -> list[tuple[str, str]]:
-    return [(name, decode_header_value(value, defects)) for name, value in msg.items()]
+def raw_header(part: Message, name: str) -> str | None:
+    """The undecoded value of header `name`; 8-bit bytes stay as surrogate escapes.
+
+    `Message.get` would turn such a value into an `email.header.Header` whose text has lost them.
+    """
+    wanted = name.lower()
+    return next((str(v) for k, v in part.raw_items() if k.lower() == wanted), None)
 
 
-def _addresses(values: list[str]) -> list[tuple[str, str]]:
-    return [(name, addr) for name, addr in getaddresses(values) if addr]
+def _raw_headers(part: Message, name: str) -> list[str]:
+    wanted = name.lower()
+    return [str(v) for k, v in part.raw_items() if k.lower() == wanted]
+
+
+def _addresses(values: list[str], defects: list[str]) -> list[tuple[str, str]]:
+    """(display name, address) pairs, decoded. Raw ISO-2022-JP or 8-bit values are decoded
+    before they are split (their bytes may look like `<` or `,`); encoded words after."""
+    readable = [v if v.isascii() and "\x1b" not in v else decode_header_value(v, defects)
+                for v in values]  # fmt: skip
+    return [
+        (decode_header_value(name, defects), decode_header_value(addr, defects))
+        for name, addr in getaddresses(readable)
+        if addr
+    ]
 
 
 def _message_ids(value: str | None) -> list[str]:
@@ -77,21 +114,72 @@ def sanitise_filename(name: str, fallback: str) -> str:
 def _part_text(part: Message, defects: list[str]) -> str:
     payload = part.get_payload(decode=True) or b""
     text, found = decode_bytes(payload, part.get_content_charset())
-    defects.extend(found)
-    return text.replace("\r\n", "\n")
+    defects.extend(f"{part.get_content_type()}: {d}" for d in found)
+    return text.replace("\r\n", "\n").removeprefix("\ufeff")
+
+
+def _extended_param(header: str | None, name: str) -> tuple[bytes, str | None] | None:
+    """An RFC 2231 extended parameter (`name*=` or `name*0*=`...), read leniently: the
+    percent-decoded bytes and their charset."""
+    if not header or "*" not in header:
+        return None
+    text = FOLDING.sub(" ", ";" + header)
+    starts = list(PARAM_START.finditer(text))
+    pieces: list[tuple[int, bool, str]] = []
+    for i, found in enumerate(starts):
+        if found.group(1).lower() != name or not (found.group(2) or found.group(3)):
+            continue
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(text)
+        number = int(found.group(2)[1:]) if found.group(2) else 0
+        pieces.append((number, bool(found.group(3)), text[found.end() : end].strip().strip('"')))
+    if not pieces:
+        return None
+    pieces.sort(key=lambda piece: piece[0])
+    charset = None
+    data = b""
+    for number, encoded, value in pieces:
+        if encoded and number == 0 and value.count("'") >= 2:
+            charset, _lang, value = value.split("'", 2)
+        data += unquote_to_bytes(value) if encoded else value.encode("latin-1", "replace")
+    return data, charset or None
 
 
 def _filename(part: Message, defects: list[str]) -> str | None:
-    raw = part.get_param("filename", header="content-disposition") or part.get_param("name")
+    for header, param in (("Content-Disposition", "filename"), ("Content-Type", "name")):
+        extended = _extended_param(raw_header(part, header), param)
+        if extended is not None:
+            text, found = decode_bytes(extended[0], extended[1] or "utf-8")
+            defects.extend(f"file name: {d}" for d in found)
+            return text
+    raw = part.get_param("filename", header="content-disposition")
+    if raw is None:
+        raw = part.get_param("name")
     if raw is None:
         return None
     if isinstance(raw, tuple):  # RFC 2231: (charset, language, value)
         charset, _lang, value = raw
         data = value.encode("latin-1", "surrogateescape") if isinstance(value, str) else value
         text, found = decode_bytes(data, charset or "utf-8")
-        defects.extend(found)
+        defects.extend(f"file name: {d}" for d in found)
         return text
-    return decode_header_value(raw, defects)
+    return decode_header_value(raw, defects).strip('"') or None
+
+
+def _attachment_type(part: Message, filename: str | None) -> str:
+    """The content type of an attachment. Without a usable Content-Type it is guessed from the
+    file name, not defaulted to text/plain; a type without subtype becomes `type/unknown`."""
+    declared = (raw_header(part, "Content-Type") or "").split(";")[0].strip().lower()
+    if "/" in declared:
+        return part.get_content_type()
+    if declared and "=" not in declared:
+        return f"{declared}/unknown"
+    guessed = mimetypes.guess_type(filename)[0] if filename else None
+    return guessed or "application/octet-stream"
+
+
+def _fallback_name(ctype: str, number: int) -> str:
+    extension = mimetypes.guess_extension(ctype) or ".bin"
+    return f"attachment-{number}{extension}"
 
 
 class _Walker:
@@ -103,14 +191,18 @@ class _Walker:
         self.htmls: list[str] = []
         self.attachments: list[MailAttachment] = []
 
-    def walk(self, part: Message) -> None:
+    def walk(self, part: Message, depth: int = 0) -> None:
+        if depth > MAX_DEPTH:
+            self.defects.append(f"MIME nesting deeper than {MAX_DEPTH} levels not read")
+            return
         ctype = part.get_content_type()
         if ctype == "message/rfc822":
-            self._attach(part, ctype, _filename(part, self.defects))
+            self._attach_message(part)
             return
         if part.is_multipart():
             for child in part.get_payload():
-                self.walk(child)
+                if isinstance(child, Message):
+                    self.walk(child, depth + 1)
             return
         filename = _filename(part, self.defects)
         disposition = (part.get_content_disposition() or "").lower()
@@ -120,19 +212,27 @@ class _Walker:
         elif ctype == "text/html" and is_body:
             self.htmls.append(_part_text(part, self.defects))
         elif part.get_payload(decode=True):
-            self._attach(part, ctype, filename)
-
-    def _attach(self, part: Message, ctype: str, filename: str | None) -> None:
-        if ctype == "message/rfc822":
-            inner = part.get_payload(0)
-            content = inner.as_bytes() if isinstance(inner, Message) else b""
-            original = filename or decode_header_value(inner.get("Subject"), self.defects)
-            fallback = "forwarded.eml"
-        else:
             content = part.get_payload(decode=True) or b""
-            original = filename
-            extension = (ctype.split("/")[-1] or "bin")[:10]
-            fallback = f"attachment-{len(self.attachments) + 1}.{extension}"
+            ctype = _attachment_type(part, filename)
+            self._add(part, ctype, filename, content, _fallback_name(ctype, self._next()))
+
+    def _next(self) -> int:
+        return len(self.attachments) + 1
+
+    def _attach_message(self, part: Message) -> None:
+        """A forwarded or bounced message is kept whole, as an .eml attachment."""
+        inner = part.get_payload(0) if part.is_multipart() else None
+        if not isinstance(inner, Message):
+            return
+        name = _filename(part, self.defects)
+        subject = decode_header_value(raw_header(inner, "Subject"), self.defects)
+        original = name or (f"{subject}.eml" if subject else None)
+        content = inner.as_bytes(policy=inner.policy.clone(linesep="\r\n"))
+        self._add(part, "message/rfc822", original, content, f"message-{self._next()}.eml")
+
+    def _add(
+        self, part: Message, ctype: str, original: str | None, content: bytes, fallback: str
+    ) -> None:
         self.attachments.append(
             MailAttachment(
                 filename=sanitise_filename(original or "", fallback),
@@ -140,25 +240,30 @@ class _Walker:
                 content_type=ctype,
                 content=content,
                 inline=(part.get_content_disposition() or "") == "inline",
-                content_id=(part.get("Content-ID") or "").strip() or None,
+                content_id=(raw_header(part, "Content-ID") or "").strip() or None,
             )
         )
 
 
 def html_to_text(html: str) -> str:
-    return get_text(html).strip()
+    """Readable text from HTML: paragraphs and line breaks kept, scripts and styles dropped."""
+    return "\n".join(line.rstrip() for line in get_text(html).splitlines()).strip()
+
+
+def _header_text(msg: Message, name: str, defects: list[str]) -> str:
+    return decode_header_value(raw_header(msg, name), defects)
 
 
 def parse(raw: bytes) -> ParsedMail:
     """Parse raw message bytes. Problems are collected as defects; only non-mail raises."""
-    body = raw.removeprefix(b"\xef\xbb\xbf")
+    body = raw.removeprefix(BOM)
     if not body.strip():
         raise UnreadableMail("empty message")
     parser = mailparser.parse_from_bytes(body)
     msg: Message = parser.message
-    defects = [f"mime: {d}" for d in (parser.defects_categories or [])]
     if not msg.keys():
         raise UnreadableMail("no headers found: not an email message")
+    defects = [f"mime: {d}" for d in sorted(parser.defects_categories or [])]
 
     walker = _Walker(defects)
     walker.walk(msg)
@@ -167,20 +272,21 @@ def parse(raw: bytes) -> ParsedMail:
     if not text and html:
         text = html_to_text(html)
 
-    from_name, from_email = next(iter(_addresses(msg.get_all("From", []))), (None, None))
+    senders = _addresses(_raw_headers(msg, "From"), defects)
+    from_name, from_email = senders[0] if senders else (None, None)
     return ParsedMail(
-        message_id=next(iter(_message_ids(msg.get("Message-ID"))), None),
-        subject=decode_header_value(msg.get("Subject"), defects),
-        from_name=decode_header_value(from_name, defects) or None,
+        message_id=next(iter(_message_ids(raw_header(msg, "Message-ID"))), None),
+        subject=_header_text(msg, "Subject", defects),
+        from_name=from_name or None,
         from_email=from_email.lower() if from_email else None,
-        to=[a for _, a in _addresses(msg.get_all("To", []))],
-        cc=[a for _, a in _addresses(msg.get_all("Cc", []))],
-        date=_date(msg.get("Date")),
-        headers=_headers(msg, defects),
+        to=[a for _, a in _addresses(_raw_headers(msg, "To"), defects)],
+        cc=[a for _, a in _addresses(_raw_headers(msg, "Cc"), defects)],
+        date=_date(raw_header(msg, "Date")),
+        headers=[(k, decode_header_value(str(v), defects)) for k, v in msg.raw_items()],
         text=text,
         html=html,
         attachments=walker.attachments,
-        in_reply_to=_message_ids(msg.get("In-Reply-To")),
-        references=_message_ids(msg.get("References")),
+        in_reply_to=_message_ids(raw_header(msg, "In-Reply-To")),
+        references=_message_ids(raw_header(msg, "References")),
         defects=list(dict.fromkeys(defects)),
     )

@@ -1,4 +1,5 @@
-"""process(ctx, inbound_id): parse -> detect -> route -> store, for first delivery and replay alike.
+"""process(ctx, inbound_id): parse -> detect -> extract -> route -> store, for first delivery
+and replay alike. parse, detect and extract need no database and run before the transaction.
 
 Processing reads only the stored raw bytes and the current rules, so a crash, a retry or
 `mailintake failed replay` all take this same path. Any exception marks the ledger row `failed`
@@ -16,13 +17,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from ingest.detect import find_follow_up
+from ingest.attempts import record_attempt, retry_at
+from ingest.detect import detect, find_follow_up
+from ingest.extract import Template, extract, load_templates
 from ingest.mail import Decision, Envelope, IncomingMail
 from ingest.parse import parse
 from ingest.store import store
 from rules.defaults import default_decision
 from storage import repo
-from storage.models import InboundMessage, MessageStatus
+from storage.models import InboundMessage, MessageStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,12 @@ class PipelineContext:
     settings: Settings
     sessions: sessionmaker[Session]
     router: Router
+    templates: list[Template] | None = None  # None: read settings.templates.path on first use
+
+    def source_templates(self) -> list[Template]:
+        if self.templates is None:
+            self.templates = load_templates(self.settings.templates.path)
+        return self.templates
 
     @classmethod
     def with_default_routing(
@@ -68,20 +77,36 @@ def route_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> N
     mail.decision = decision
 
 
+def examine(mail: IncomingMail, ctx: PipelineContext, stage: list[str]) -> None:
+    """The stages before routing, which need no database: parse, detect, extract. `rules test`
+    and `rules diff` run them too; `stage[0]` names the stage running."""
+    stage[0] = "parse"
+    parse_stage(mail, ctx)
+    stage[0] = "detect"
+    detect(mail)
+    stage[0] = "extract"
+    extract(mail, ctx.source_templates())
+
+
 def load(ctx: PipelineContext, inbound_id: int) -> IncomingMail | None:
     """The ledger row as an IncomingMail, or None if it needs no processing."""
     with ctx.sessions() as session:
         row = session.get(InboundMessage, inbound_id)
         if row is None or row.status not in repo.PROCESSABLE:
             return None
-        envelope = Envelope(
-            source=row.source,
-            mail_from=row.mail_from,
-            rcpt_to=tuple(row.rcpt_to),
-            peer=row.peer,
-            extra=dict(row.envelope),
-        )
-        return IncomingMail(row.id, row.raw, envelope, row.received_at)
+        return incoming_mail(row)
+
+
+def incoming_mail(row: InboundMessage) -> IncomingMail:
+    """A fresh IncomingMail for a ledger row, as it was received."""
+    envelope = Envelope(
+        source=row.source,
+        mail_from=row.mail_from,
+        rcpt_to=tuple(row.rcpt_to),
+        peer=row.peer,
+        extra=dict(row.envelope),
+    )
+    return IncomingMail(row.id, row.raw, envelope, row.received_at)
 
 
 def process(ctx: PipelineContext, inbound_id: int) -> MessageStatus | None:
@@ -91,7 +116,7 @@ def process(ctx: PipelineContext, inbound_id: int) -> MessageStatus | None:
         return None
     stage = ["parse"]
     try:
-        parse_stage(mail, ctx)
+        examine(mail, ctx, stage)
         try:
             fate = _route_and_store(ctx, mail, stage)
         except IntegrityError:
@@ -117,7 +142,9 @@ def _route_and_store(
         stage[0] = "route"
         route_stage(mail, ctx, session)
         stage[0] = "store"
-        return store(session, mail, ctx.settings.tickets.key_prefix)
+        fate = store(session, mail, ctx.settings.tickets.key_prefix)
+        record_attempt(session, mail.inbound_id, fate)
+        return fate
 
 
 def _mid(mail: IncomingMail) -> str:
@@ -134,8 +161,13 @@ def _record_failure(ctx: PipelineContext, mail: IncomingMail, stage: str, exc: E
         type(exc).__name__,
         exc,
     )
+    failed_at = utcnow()
     with ctx.sessions.begin() as session:
-        repo.mark_failed(session, mail.inbound_id, stage, error)
+        attempts = repo.mark_failed(session, mail.inbound_id, stage, error, failed_at)
+        record_attempt(session, mail.inbound_id, MessageStatus.FAILED, stage, error)
+        retry = retry_at(ctx.settings.retry, exc, attempts, failed_at) if attempts else None
+        if retry:
+            repo.schedule_retry(session, mail.inbound_id, retry)
 
 
 def process_pending(

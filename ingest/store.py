@@ -96,7 +96,7 @@ def _add_comment(
         ticket_id=ticket_id,
         author_name=parsed.from_name,
         author_email=parsed.from_email,
-        body=parsed.text,
+        body=parsed.reply_text or parsed.text,
         body_full=parsed.text,
         inbound_message_id=row.id,
         origin_key=row.dedupe_key,

@@ -17,7 +17,9 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    TypeDecorator,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -25,9 +27,28 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone: it is UTC there)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {
-        datetime: DateTime(timezone=True),
+        datetime: UTCDateTime(),
         dict[str, Any]: JSON,
         list[str]: JSON,
     }
@@ -42,6 +63,7 @@ class MessageStatus(enum.StrEnum):
     DUPLICATE = "duplicate"
     DROPPED = "dropped"
     FAILED = "failed"
+    DISCARDED = "discarded"  # a failure an admin chose not to replay; row and raw bytes stay
 
 
 class InboundMessage(Base):
@@ -70,6 +92,8 @@ class InboundMessage(Base):
     defects: Mapped[list[str]] = mapped_column(default=list)
     ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
+    next_attempt_at: Mapped[datetime | None]  # when a transient failure is retried by itself
+    discard_reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_inbound_messages_status_id", "status", "id"),)
 
@@ -171,3 +195,21 @@ class AssignmentCursor(Base):
     team: Mapped[str] = mapped_column(String(64), primary_key=True)
     position: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ProcessingAttempt(Base):
+    """The history of a ledger row: every processing run (first delivery, replay, automatic
+    retry) and every discard, with who did it."""
+
+    __tablename__ = "processing_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_messages.id"), index=True)
+    attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(16))  # a MessageStatus value
+    stage: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    username: Mapped[str | None] = mapped_column(String(64))
+    command: Mapped[str] = mapped_column(String(255))

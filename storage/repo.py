@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from storage.models import (
+    AssignmentCursor,
     Attachment,
     AttachmentBlob,
+    ImapCheckpoint,
     InboundMessage,
     MessageStatus,
+    ProcessingAttempt,
     Ticket,
     utcnow,
 )
@@ -37,8 +43,12 @@ def claim(session: Session, inbound_id: int) -> bool:
     return result.rowcount == 1
 
 
-def mark_failed(session: Session, inbound_id: int, stage: str, error: str) -> None:
-    session.execute(
+def mark_failed(
+    session: Session, inbound_id: int, stage: str, error: str, failed_at: datetime
+) -> int | None:
+    """Record a failure; returns the number of attempts so far, or None if the row had
+    meanwhile been processed (or discarded) by someone else."""
+    result = session.execute(
         update(InboundMessage)
         .where(InboundMessage.id == inbound_id, InboundMessage.status.in_(PROCESSABLE))
         .values(
@@ -46,8 +56,19 @@ def mark_failed(session: Session, inbound_id: int, stage: str, error: str) -> No
             fail_stage=stage,
             error=error,
             attempts=InboundMessage.attempts + 1,
-            processed_at=utcnow(),
+            processed_at=failed_at,
+            next_attempt_at=None,
         )
+        .returning(InboundMessage.attempts)
+    )
+    return result.scalar_one_or_none()
+
+
+def schedule_retry(session: Session, inbound_id: int, at: datetime) -> None:
+    session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id, InboundMessage.status == MessageStatus.FAILED)
+        .values(next_attempt_at=at)
     )
 
 
@@ -97,11 +118,15 @@ def ticket_by_key(session: Session, key: str) -> Ticket | None:
     return session.scalars(select(Ticket).where(Ticket.key == key)).first()
 
 
+def _dialect_insert(session: Session) -> Any:
+    """The INSERT construct with ON CONFLICT support for the session's database."""
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
 def save_blob(session: Session, sha256: str, content: bytes) -> None:
     """Store attachment content once per sha256, safe against concurrent writers."""
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     session.execute(
-        insert(AttachmentBlob)
+        _dialect_insert(session)(AttachmentBlob)
         .values(sha256=sha256, size=len(content), content=content)
         .on_conflict_do_nothing(index_elements=["sha256"])
     )
@@ -124,6 +149,7 @@ def set_fate(
     message.defects = defects or []
     message.fail_stage = None
     message.error = None
+    message.next_attempt_at = None
     message.processed_at = utcnow()
 
 
@@ -164,3 +190,224 @@ def count_by_status(session: Session) -> dict[str, int]:
 def attachments_of_ticket(session: Session, ticket_id: int) -> Sequence[Attachment]:
     query = select(Attachment).where(Attachment.ticket_id == ticket_id).order_by(Attachment.id)
     return session.scalars(query).all()
+
+
+# --- failed messages: history, selection for replay, automatic retry, discard ---------------
+
+
+def add_attempt(
+    session: Session,
+    inbound_id: int,
+    outcome: str,
+    *,
+    stage: str | None,
+    error: str | None,
+    host: str,
+    pid: int,
+    username: str | None,
+    command: str,
+) -> None:
+    """Append one entry to a message's processing history."""
+    session.add(
+        ProcessingAttempt(
+            inbound_message_id=inbound_id,
+            attempted_at=utcnow(),
+            outcome=outcome,
+            stage=stage,
+            error=error,
+            host=host,
+            pid=pid,
+            username=username,
+            command=command,
+        )
+    )
+
+
+def attempts_of(session: Session, inbound_id: int) -> Sequence[ProcessingAttempt]:
+    query = (
+        select(ProcessingAttempt)
+        .where(ProcessingAttempt.inbound_message_id == inbound_id)
+        .order_by(ProcessingAttempt.id)
+    )
+    return session.scalars(query).all()
+
+
+@dataclass(frozen=True)
+class FailedFilter:
+    """Which failed messages an admin means; every given field must match."""
+
+    since: datetime | None = None  # received at or after
+    stage: str | None = None
+    error: str | None = None  # case-insensitive substring of the error text
+    source: str | None = None
+
+
+def _failed_where(wanted: FailedFilter) -> list:
+    conditions = [InboundMessage.status == MessageStatus.FAILED]
+    if wanted.since:
+        conditions.append(InboundMessage.received_at >= wanted.since)
+    if wanted.stage:
+        conditions.append(InboundMessage.fail_stage == wanted.stage)
+    if wanted.error:
+        conditions.append(InboundMessage.error.icontains(wanted.error, autoescape=True))
+    if wanted.source:
+        conditions.append(InboundMessage.source == wanted.source)
+    return conditions
+
+
+def failed_ids(session: Session, wanted: FailedFilter) -> Sequence[int]:
+    """Failed messages matching `wanted`, oldest first (the order a replay takes)."""
+    query = select(InboundMessage.id).where(*_failed_where(wanted)).order_by(InboundMessage.id)
+    return session.scalars(query).all()
+
+
+def failed_with_head(
+    session: Session, wanted: FailedFilter, limit: int, head_bytes: int
+) -> Sequence[tuple[InboundMessage, bytes]]:
+    """Failed messages, newest first, each with only the first `head_bytes` of its raw bytes
+    (enough for the headers; a failed message may be a huge one)."""
+    head = func.substr(InboundMessage.raw, 1, head_bytes)
+    query = (
+        select(InboundMessage, head)
+        .options(defer(InboundMessage.raw))
+        .where(*_failed_where(wanted))
+        .order_by(InboundMessage.id.desc())
+        .limit(limit)
+    )
+    return [(message, bytes(raw_head or b"")) for message, raw_head in session.execute(query)]
+
+
+def due_for_retry(session: Session, now: datetime, limit: int) -> Sequence[int]:
+    """Failed messages whose automatic retry is due, oldest first."""
+    query = (
+        select(InboundMessage.id)
+        .where(
+            InboundMessage.status == MessageStatus.FAILED,
+            InboundMessage.next_attempt_at <= now,
+        )
+        .order_by(InboundMessage.id)
+        .limit(limit)
+    )
+    return session.scalars(query).all()
+
+
+def statuses_of(session: Session, ids: Sequence[int]) -> dict[int, str]:
+    """The status of each of `ids` that exists in the ledger."""
+    if not ids:
+        return {}
+    query = select(InboundMessage.id, InboundMessage.status).where(InboundMessage.id.in_(ids))
+    return {inbound_id: status for inbound_id, status in session.execute(query)}
+
+
+def discard(session: Session, inbound_id: int, reason: str) -> bool:
+    """Mark a failed message handled without processing; False if it is not failed (any more)."""
+    result = session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id, InboundMessage.status == MessageStatus.FAILED)
+        .values(
+            status=MessageStatus.DISCARDED,
+            discard_reason=reason,
+            next_attempt_at=None,
+            processed_at=utcnow(),
+        )
+    )
+    return result.rowcount == 1
+
+
+# --- IMAP fetch checkpoints and messages that could not be fetched ---------------------------
+
+
+def imap_checkpoint(session: Session, account: str, folder: str) -> tuple[int, int] | None:
+    """(UIDVALIDITY, last fetched UID) of an account's folder, or None before the first fetch."""
+    row = session.get(ImapCheckpoint, (account, folder))
+    return (row.uidvalidity, row.last_uid) if row else None
+
+
+def save_imap_checkpoint(
+    session: Session, account: str, folder: str, uidvalidity: int, last_uid: int
+) -> None:
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    values = {"uidvalidity": uidvalidity, "last_uid": last_uid, "updated_at": utcnow()}
+    session.execute(
+        insert(ImapCheckpoint)
+        .values(account=account, folder=folder, **values)
+        .on_conflict_do_update(index_elements=["account", "folder"], set_=values)
+    )
+
+
+def add_unfetched(
+    session: Session,
+    *,
+    source: str,
+    size: int,
+    message_id: str | None,
+    dedupe_key: str,
+    envelope: dict[str, Any],
+    error: str,
+) -> int:
+    """A ledger row, status failed at stage `fetch`, for a message whose bytes we do not have
+    (too large, or the server would not return it); `raw` is empty, `size` the announced one."""
+    row = InboundMessage(
+        source=source,
+        raw=b"",
+        size=size,
+        sha256=hashlib.sha256(b"").hexdigest(),
+        message_id=message_id,
+        dedupe_key=dedupe_key,
+        envelope=envelope,
+        status=MessageStatus.FAILED,
+        fail_stage="fetch",
+        error=error,
+        processed_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def advance_assignment_cursor(session: Session, team: str) -> int:
+    """Take the next round-robin turn (1, 2, 3, ...) of `team` in the caller's transaction.
+
+    One atomic upsert, so two processes never get the same turn: PostgreSQL locks the cursor
+    row until the caller commits (the other waits, then increments the committed value), and
+    SQLite locks the database. A rolled-back routing gives its turn back.
+    """
+    statement = (
+        _dialect_insert(session)(AssignmentCursor)
+        .values(team=team, position=1, updated_at=utcnow())
+        .on_conflict_do_update(
+            index_elements=["team"],
+            set_={"position": AssignmentCursor.position + 1, "updated_at": utcnow()},
+        )
+        .returning(AssignmentCursor.position)
+    )
+    return session.execute(statement).scalar_one()
+
+
+def peek_assignment_cursor(session: Session, team: str) -> int:
+    """The last turn taken for `team` (0 if none), without taking one: for dry runs."""
+    query = select(AssignmentCursor.position).where(AssignmentCursor.team == team)
+    return session.scalars(query).first() or 0
+
+
+def open_ticket_counts(session: Session, assignees: Sequence[str]) -> dict[str, int]:
+    """Open tickets per assignee, for the `least_open` strategy (absent: none open)."""
+    query = (
+        select(Ticket.assignee, func.count())
+        .where(Ticket.status == "open", Ticket.assignee.in_(assignees))
+        .group_by(Ticket.assignee)
+    )
+    return {assignee: count for assignee, count in session.execute(query).all()}
+
+
+def routed_since(session: Session, since: datetime) -> Sequence[tuple[int, str | None]]:
+    """(ledger id, key of the ticket it opened) of messages received since `since` that were
+    routed (ticket, comment, dropped) or failed, oldest first: what `rules diff` replays."""
+    routed = (*DONE_WITH_RECORD, MessageStatus.DROPPED, MessageStatus.FAILED)
+    query = (
+        select(InboundMessage.id, Ticket.key)
+        .outerjoin(Ticket, Ticket.inbound_message_id == InboundMessage.id)
+        .where(InboundMessage.received_at >= since, InboundMessage.status.in_(routed))
+        .order_by(InboundMessage.id)
+    )
+    return [(inbound_id, key) for inbound_id, key in session.execute(query).all()]

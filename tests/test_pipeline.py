@@ -39,7 +39,7 @@ def test_iso2022jp_answering_service_mail_reads_correctly(pipeline, sessions):
     assert subject == "【電話受付】①㈱髙島屋ワイン様よりお問い合わせ"
     assert "会社名：㈱髙島屋ワイン" in body
     assert "ｶﾀｶﾅ" in body
-    assert name == "電話代行センター"
+    assert name == "髙橋 一郎"  # the caller, from the answering-service template
     assert key == "INQ-1"
     assert bytes(stored_raw) == raw
 

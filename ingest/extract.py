@@ -1,0 +1,268 @@
+"""Source templates: recognise the answering service, FAX gateway and web form mails, and pull
+their labelled fields (`お名前：山田`, `電話番号: 03-1234-5678`) out of the body as typed values.
+
+Templates are declarative (`templates.yaml`, validated by the pydantic models below). Labels
+match regardless of full-width/half-width forms, spaces and colon style (`:` `：`), because
+both sides are compared after NFKC normalisation; values are kept as written, and typed values
+are added beside them (a phone number's E.164 form, a timestamp in ISO 8601).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from datetime import date, datetime, timedelta, timezone
+from fnmatch import fnmatchcase
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import phonenumbers
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from config import ConfigError, describe_validation_error, load_yaml
+from ingest.mail import IncomingMail, ParsedMail
+
+log = logging.getLogger(__name__)
+
+JST = timezone(timedelta(hours=9))
+PHONE_REGION = "JP"
+EMAIL_RE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
+# Decoration around a label: "■お名前", "【会社名】", "・電話番号", "[お名前]".
+LABEL_DECORATION = re.compile(r"^[\s■□●○◆◇・*＊\-－【\[〔（(<＜]+|[\s】\]〕）)>＞]+$")
+SEPARATOR_LINE = re.compile(r"^\s*(-{2,}|={2,}|_{2,}|━{2,}|─{2,}|＝{2,}|－{2,})\s*$")
+HONORIFIC = re.compile(r"\s*(様|さま|殿|さん)$")
+DATETIME_RE = re.compile(
+    r"(?:(?P<era>令和|R)\s*)?(?P<year>\d{1,4})\s*[年/.\-]\s*(?P<month>\d{1,2})\s*[月/.\-]\s*"
+    r"(?P<day>\d{1,2})\s*日?\s*(?:[(（][^)）]*[)）])?\s*"
+    r"(?:(?P<ampm>午前|午後|AM|PM)?\s*(?P<hour>\d{1,2})\s*[時:]\s*(?P<minute>\d{1,2})\s*分?"
+    r"(?:\s*:?\s*(?P<second>\d{1,2})\s*秒?)?)?",
+    re.IGNORECASE,
+)
+REIWA_OFFSET = 2018
+INTEGER_RE = re.compile(r"\d+")
+
+FieldType = Literal["text", "name", "phone", "email", "datetime", "integer"]
+
+
+def normalise(text: str) -> str:
+    """The form used to compare labels: NFKC (full-width -> half-width), no spaces, lower case."""
+    return "".join(unicodedata.normalize("NFKC", text).split()).lower()
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Match(Model):
+    """How a template recognises its mails; every condition given must hold."""
+
+    sender: list[str] = Field(default_factory=list, description="glob patterns on From address")
+    subject: str | None = Field(default=None, description="regular expression searched in Subject")
+    body: list[str] = Field(default_factory=list, description="texts that must all be in the body")
+
+    @field_validator("subject")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            re.compile(value)
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Match:
+        if not (self.sender or self.subject or self.body):
+            raise ValueError("give at least one of sender, subject, body")
+        return self
+
+    def matches(self, parsed: ParsedMail) -> bool:
+        sender = (parsed.from_email or "").lower()
+        if self.sender and not any(fnmatchcase(sender, p.lower()) for p in self.sender):
+            return False
+        if self.subject and not re.search(self.subject, parsed.subject):
+            return False
+        return all(marker in parsed.text for marker in self.body)
+
+
+class FieldSpec(Model):
+    """One field: found after a label in the body, or by a regex with a `value` group."""
+
+    key: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    labels: list[str] = Field(default_factory=list)
+    pattern: str | None = None
+    source: Literal["body", "subject"] = Field(default="body", alias="in")
+    type: FieldType = "text"
+    multiline: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _value_group(cls, value: str | None) -> str | None:
+        if value is not None and "value" not in re.compile(value).groupindex:
+            raise ValueError("the pattern needs a named group (?P<value>...)")
+        return value
+
+    @model_validator(mode="after")
+    def _labels_or_pattern(self) -> FieldSpec:
+        if not self.labels and self.pattern is None:
+            raise ValueError("give labels or a pattern")
+        return self
+
+    @cached_property
+    def normalised_labels(self) -> frozenset[str]:
+        return frozenset(normalise(label) for label in self.labels)
+
+
+class Template(Model):
+    name: str
+    source_kind: Literal["phone", "fax", "webform", "email"]
+    match: Match
+    fields: list[FieldSpec] = Field(default_factory=list)
+
+
+class TemplateFile(Model):
+    templates: list[Template] = Field(default_factory=list)
+
+
+def load_templates(path: Path) -> list[Template]:
+    """Templates from a YAML file; a missing file means no templates, a bad one raises
+    ConfigError saying file:line: key: problem."""
+    if not path.exists():
+        log.warning("no templates file at %s: template fields will not be extracted", path)
+        return []
+    data = load_yaml(path) or {}
+    try:
+        return TemplateFile.model_validate(data).templates
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, data, path)) from exc
+
+
+def _split_label(line: str) -> list[tuple[str, str]]:
+    """Ways to read `line` as `label value`: at the first colon, else at the first spaces."""
+    colon = re.search(r"[:：]", line)
+    if colon:
+        return [(line[: colon.start()], line[colon.end() :])]
+    spaced = re.search(r"\s+", line.strip())
+    if spaced:
+        stripped = line.strip()
+        return [(stripped[: spaced.start()], stripped[spaced.end() :])]
+    return [(line, "")]
+
+
+def _label_of(line: str, labels: frozenset[str]) -> tuple[str, str] | None:
+    """(normalised label, value as written) when `line` starts with one of `labels`."""
+    for label, value in _split_label(line):
+        key = normalise(LABEL_DECORATION.sub("", label))
+        if key and key in labels:
+            return key, value.strip()
+    return None
+
+
+def _labelled_value(spec: FieldSpec, lines: list[str], all_labels: frozenset[str]) -> str | None:
+    for i, line in enumerate(lines):
+        found = _label_of(line, spec.normalised_labels)
+        if found is None:
+            continue
+        value = found[1]
+        if not spec.multiline:
+            if value:
+                return value
+            following = (next_line.strip() for next_line in lines[i + 1 : i + 3])
+            return next((v for v in following if v and not _label_of(v, all_labels)), None)
+        block = [value] if value else []
+        for next_line in lines[i + 1 :]:
+            if SEPARATOR_LINE.match(next_line) or _label_of(next_line, all_labels):
+                break
+            block.append(next_line.strip())
+        return "\n".join(block).strip() or None
+    return None
+
+
+def _raw_value(spec: FieldSpec, parsed: ParsedMail, all_labels: frozenset[str]) -> str | None:
+    text = parsed.subject if spec.source == "subject" else parsed.text
+    if spec.pattern is not None:
+        found = re.search(spec.pattern, text)
+        if found and found.group("value"):
+            return found.group("value").strip()
+    if spec.labels:
+        return _labelled_value(spec, text.splitlines(), all_labels)
+    return None
+
+
+def parse_phone(value: str) -> str | None:
+    """E.164 form of a phone number as written in Japan, or None if it is not one."""
+    try:
+        number = phonenumbers.parse(unicodedata.normalize("NFKC", value), PHONE_REGION)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def parse_datetime(value: str) -> datetime | date | None:
+    """`2026年11月22日 10時23分`, `2026/11/22 10:23`, `令和8年11月22日` -> JST time (or date)."""
+    found = DATETIME_RE.search(unicodedata.normalize("NFKC", value))
+    if not found:
+        return None
+    year = int(found["year"]) + (REIWA_OFFSET if found["era"] else 0)
+    try:
+        day = date(year, int(found["month"]), int(found["day"]))
+        if found["hour"] is None:
+            return day
+        hour = int(found["hour"])
+        if (found["ampm"] or "").lower() in ("午後", "pm") and hour < 12:
+            hour += 12
+        return datetime(
+            day.year, day.month, day.day, hour, int(found["minute"]),
+            int(found["second"] or 0), tzinfo=JST,
+        )  # fmt: skip
+    except ValueError:
+        return None
+
+
+def typed(spec: FieldSpec, value: str) -> dict[str, Any]:
+    """The field's entries: the value (as written, or converted) and its typed companions."""
+    key = spec.key
+    if spec.type == "phone":
+        e164 = parse_phone(value)
+        return {key: value, f"{key}_e164": e164} if e164 else {key: value}
+    if spec.type == "email":
+        found = EMAIL_RE.search(unicodedata.normalize("NFKC", value))
+        return {key: found.group(0).lower()} if found else {}
+    if spec.type == "name":
+        name = HONORIFIC.sub("", re.sub(r"<[^<>]*>", "", value).strip().strip('"'))
+        return {key: name} if name else {}
+    if spec.type == "datetime":
+        when = parse_datetime(value)
+        return {key: when.isoformat(), f"{key}_text": value} if when else {f"{key}_text": value}
+    if spec.type == "integer":
+        number = INTEGER_RE.search(unicodedata.normalize("NFKC", value))
+        return {key: int(number.group(0))} if number else {}
+    return {key: value}
+
+
+def matching_template(templates: list[Template], parsed: ParsedMail) -> Template | None:
+    return next((t for t in templates if t.match.matches(parsed)), None)
+
+
+def extract_fields(template: Template, parsed: ParsedMail) -> dict[str, Any]:
+    """Every field of `template` found in `parsed`, typed; missing fields are left out."""
+    all_labels = frozenset().union(*(spec.normalised_labels for spec in template.fields))
+    fields: dict[str, Any] = {}
+    for spec in template.fields:
+        if spec.key in fields:
+            continue  # an earlier spec for the same key already found it
+        value = _raw_value(spec, parsed, all_labels)
+        if value:
+            fields.update(typed(spec, value))
+    return fields
+
+
+def extract(mail: IncomingMail, templates: list[Template]) -> None:
+    """Set `mail.source_kind` and `mail.fields` from the first template that matches."""
+    assert mail.parsed is not None
+    template = matching_template(templates, mail.parsed)
+    if template is None:
+        return
+    mail.source_kind = template.source_kind
+    mail.fields = {"template": template.name, **extract_fields(template, mail.parsed)}

@@ -1,0 +1,135 @@
+"""Failed messages: choose them, replay them through `process`, retry transient ones, discard.
+
+A replay reads the stored raw bytes through today's code and rules, one message per transaction,
+so one bad message never holds back the others. It is safe beside `mailintake serve` and beside
+another replay: `process` claims a message with a status transition that only one transaction
+can win, so a message makes one ticket at most however often and wherever it is replayed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from ingest.attempts import record_attempt
+from ingest.parse import decode_header_value
+from ingest.pipeline import PipelineContext, process
+from storage import repo
+from storage.models import InboundMessage, MessageStatus, utcnow
+
+SKIPPED = "skipped"  # not processable any more: done meanwhile (by serve or another replay)
+MISSING = "missing"  # no such ledger id
+OUTCOMES = (*(s.value for s in MessageStatus if s != MessageStatus.RECEIVED), SKIPPED, MISSING)
+NOT_FAILED = "not_failed"
+
+AGO_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+AGO_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`90s`, `30m`, `12h`, `2d` or `1w` ago, or an ISO 8601 date/time (without zone: UTC)."""
+    ago = AGO_RE.match(text)
+    if ago:
+        amount, unit = int(ago.group(1)), AGO_UNITS[ago.group(2)]
+        return (now or utcnow()) - timedelta(**{unit: amount})
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration like 2d, 12h, 30m nor an ISO date like 2026-11-20"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def headers_of(raw: bytes) -> list[tuple[str, str]]:
+    """The decoded header fields of `raw`; works on messages the full parser gives up on."""
+    message = BytesHeaderParser(policy=compat32).parsebytes(raw.removeprefix(b"\xef\xbb\xbf"))
+    defects: list[str] = []
+    return [(name, decode_header_value(value, defects)) for name, value in message.items()]
+
+
+def first_header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    wanted = name.lower()
+    return next((value for key, value in headers if key.lower() == wanted), None)
+
+
+@dataclass
+class ReplayResult:
+    """What happened to each message of a replay, by ledger id, in replay order."""
+
+    outcomes: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def still_failed(self) -> list[int]:
+        return [i for i, outcome in self.outcomes.items() if outcome == MessageStatus.FAILED]
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i, outcome in self.outcomes.items() if outcome == MISSING]
+
+    @property
+    def ok(self) -> bool:
+        """Every message now has a fate other than failed."""
+        return not self.still_failed and not self.missing
+
+    def counts(self) -> dict[str, int]:
+        found = Counter(self.outcomes.values())
+        return {outcome: found.get(outcome, 0) for outcome in OUTCOMES}
+
+
+def select_failed(sessions: sessionmaker[Session], wanted: repo.FailedFilter) -> list[int]:
+    with sessions() as session:
+        return list(repo.failed_ids(session, wanted))
+
+
+def replay(
+    ctx: PipelineContext, ids: Iterable[int], on_done: Callable[[], None] | None = None
+) -> ReplayResult:
+    """Process each message again; database outages propagate (nothing is marked then)."""
+    wanted = list(dict.fromkeys(ids))
+    with ctx.sessions() as session:
+        known = repo.statuses_of(session, wanted)
+    result = ReplayResult()
+    for inbound_id in wanted:
+        fate = process(ctx, inbound_id) if inbound_id in known else MISSING
+        result.outcomes[inbound_id] = str(fate) if fate else SKIPPED
+        if on_done:
+            on_done()
+    return result
+
+
+def retry_due(ctx: PipelineContext, now: datetime | None = None, limit: int = 100) -> ReplayResult:
+    """One pass of automatic retry: replay the transient failures whose time has come.
+
+    The `mailintake serve` worker calls this whenever it runs out of new messages. The pipeline
+    schedules `next_attempt_at` with backoff only for transient failures and only while attempts
+    remain, so deterministic failures (parse, rules) are never picked here.
+    """
+    with ctx.sessions() as session:
+        ids = repo.due_for_retry(session, now or utcnow(), limit)
+    return replay(ctx, ids)
+
+
+def discard(sessions: sessionmaker[Session], ids: Iterable[int], reason: str) -> dict[int, str]:
+    """Mark failed messages handled; each id maps to `discarded`, `not_failed` or `missing`.
+
+    The row, its raw bytes and its error stay for audit; the history records who discarded it.
+    """
+    results: dict[int, str] = {}
+    for inbound_id in dict.fromkeys(ids):
+        with sessions.begin() as session:
+            if repo.discard(session, inbound_id, reason):
+                record_attempt(session, inbound_id, MessageStatus.DISCARDED)
+                results[inbound_id] = MessageStatus.DISCARDED.value
+            elif session.get(InboundMessage, inbound_id) is None:
+                results[inbound_id] = MISSING
+            else:
+                results[inbound_id] = NOT_FAILED
+    return results

@@ -1,0 +1,276 @@
+"""`mailintake serve`: the listeners, the processing worker and background tasks in one process.
+
+The event loop only talks SMTP/LMTP. Committing a message (`intake.receive`) runs in a thread
+pool so a slow commit never blocks other sessions; processing (parse, rules, ticket) runs in
+the `ProcessingWorker` thread, woken after every commit, so no sender waits for it.
+
+Other sources plug in as background tasks: `Service.add_task(name, task)` where `task(stop)` is
+a coroutine function that runs until the `stop` event is set. A task that stores a message
+calls `await service.store(raw, envelope)`, which commits and wakes the worker.
+
+Shutdown (SIGTERM/SIGINT): stop accepting, say goodbye (421) to idle clients, let clients in
+the middle of a transaction finish within `smtp.shutdown_grace_seconds`, then close the rest
+(their unacknowledged message stays theirs to retry), stop the tasks, let the in-flight commits
+and the message being processed finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+from config import ListenerSettings, Settings
+from ingest.imap import fetch_until_stopped
+from ingest.intake import receive
+from ingest.mail import Envelope
+from ingest.pipeline import PipelineContext, process
+from ingest.replay import retry_due
+from ingest.smtp import (
+    Door,
+    IntakeHandler,
+    IntakeLMTP,
+    IntakeSMTP,
+    protocol_factory,
+    tls_context,
+)
+from storage import repo
+
+log = logging.getLogger(__name__)
+
+BackgroundTask = Callable[[asyncio.Event], Awaitable[None]]
+
+WORKER_BATCH = 100
+RETRY_BATCH = 10  # automatic retries per pass, between which a stop request is honoured
+WORKER_RESCAN_SECONDS = 30.0  # also picks up rows other processes left, and retries after faults
+DRAIN_POLL_SECONDS = 0.05
+
+
+class ListenerError(RuntimeError):
+    """A listener could not start (port taken, certificate unreadable); says which and why."""
+
+
+class ProcessingWorker:
+    """Turns ledger rows into tickets in its own thread; `wake()` after each commit."""
+
+    def __init__(self, pipeline: PipelineContext, rescan_seconds: float = WORKER_RESCAN_SECONDS):
+        self.pipeline = pipeline
+        self.rescan_seconds = rescan_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._wake.set()  # first pass: rows left over from an earlier run
+        self._thread = threading.Thread(target=self._run, name="mailintake-worker", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float) -> bool:
+        """Finish the message in hand, then stop; False if it did not finish within `timeout`.
+
+        A message cut off is rolled back and stays `received`, processed on the next start.
+        """
+        self._stop.set()
+        self._wake.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.rescan_seconds)
+            self._wake.clear()
+            try:
+                self._drain()
+            except Exception:
+                log.exception("processing paused, retrying in %.0f s", self.rescan_seconds)
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            with self.pipeline.sessions() as session:
+                ids = repo.pending_ids(session, WORKER_BATCH)
+            if not ids:
+                self._retry_due()
+                return
+            for inbound_id in ids:
+                if self._stop.is_set():
+                    return
+                process(self.pipeline, inbound_id)
+
+    def _retry_due(self) -> None:
+        """Transient failures whose backoff has passed, a few at a time so a stop is honoured."""
+        while not self._stop.is_set() and retry_due(self.pipeline, limit=RETRY_BATCH).outcomes:
+            pass
+
+
+@dataclass
+class Listener:
+    name: str
+    server: asyncio.Server
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return host, port
+
+
+class Service:
+    """Everything `mailintake serve` runs; tests run it in a thread with their own settings."""
+
+    def __init__(self, settings: Settings, pipeline: PipelineContext) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.worker = ProcessingWorker(pipeline)
+        self.door = Door(settings.smtp)
+        self.listeners: list[Listener] = []
+        self.tasks: list[tuple[str, BackgroundTask]] = []
+        if settings.imap.accounts:  # fetchers commit each message, then wake the worker
+            self.add_task(
+                "imap",
+                partial(
+                    fetch_until_stopped,
+                    settings,
+                    pipeline.sessions,
+                    lambda _inbound_id: self.worker.wake(),
+                ),
+            )
+        self._executor: ThreadPoolExecutor | None = None
+
+    def add_task(self, name: str, task: BackgroundTask) -> None:
+        """Run `task(stop)` beside the listeners (e.g. an IMAP fetcher, a rules reloader)."""
+        self.tasks.append((name, task))
+
+    def address(self, name: str) -> tuple[str, int]:
+        """Where listener `name` ("smtp" or "lmtp") listens (the real port when 0 was asked)."""
+        return next(listener.address for listener in self.listeners if listener.name == name)
+
+    async def store(self, raw: bytes, envelope: Envelope) -> int:
+        """Commit a message to the ledger (in a thread) and wake the worker; raises on failure."""
+        assert self._executor is not None, "store() is only available while the service runs"
+        loop = asyncio.get_running_loop()
+        inbound_id = await loop.run_in_executor(
+            self._executor, receive, self.pipeline.sessions, raw, envelope
+        )
+        self.worker.wake()
+        return inbound_id
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve until `stop` is set, then shut down gracefully. Raises ListenerError."""
+        self._executor = ThreadPoolExecutor(thread_name_prefix="mailintake-receive")
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self._listen()
+            self.worker.start()
+            tasks = [asyncio.create_task(self._guard(n, t, stop), name=n) for n, t in self.tasks]
+            if on_ready is not None:
+                on_ready()
+            await stop.wait()
+        finally:
+            stop.set()  # tells the background tasks, also when starting failed
+            await self._shutdown(tasks)
+
+    async def _listen(self) -> None:
+        smtp = self.settings.smtp
+        try:
+            context = tls_context(smtp)
+        except (OSError, ValueError) as exc:
+            raise ListenerError(
+                f"cannot load smtp.tls_cert {smtp.tls_cert} / smtp.tls_key {smtp.tls_key}: {exc}"
+            ) from exc
+        hostname = smtp.hostname or socket.getfqdn()
+        handler = IntakeHandler(
+            smtp, self.store, max_bytes=self.settings.intake.max_message_bytes, hostname=hostname
+        )
+        wanted = [("smtp", IntakeSMTP, smtp), ("lmtp", IntakeLMTP, self.settings.lmtp)]
+        for name, protocol, where in wanted:
+            if not where.enabled:
+                continue
+            factory = protocol_factory(protocol, handler, self.door, smtp, context)
+            self.listeners.append(Listener(name, await self._bind(name, factory, where)))
+            host, port = self.address(name)
+            log.info("listening for %s on %s:%d", name.upper(), host, port)
+
+    async def _bind(
+        self, name: str, factory: Callable[[], IntakeSMTP], where: ListenerSettings
+    ) -> asyncio.Server:
+        host, port = where.host, where.port
+        try:
+            return await asyncio.get_running_loop().create_server(factory, host, port)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenerError(
+                f"cannot listen for {name.upper()} on {host}:{port}: {reason} "
+                f"(is another `mailintake serve` running? the address is {name}.host/{name}.port "
+                f"in the config, or MAILINTAKE_{name.upper()}__PORT)"
+            ) from exc
+
+    async def _guard(self, name: str, task: BackgroundTask, stop: asyncio.Event) -> None:
+        """A background task that crashes is logged; it does not take the listeners down."""
+        try:
+            await task(stop)
+        except Exception:
+            log.exception("background task %s stopped with an error", name)
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        grace = self.settings.smtp.shutdown_grace_seconds
+        for listener in self.listeners:
+            listener.server.close()  # stop accepting
+        await self._drain_sessions(grace)
+        await self._stop_tasks(tasks, grace)
+        if self._executor is not None:
+            # In-flight commits finish; their clients either got their 250 or will retry.
+            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        if not self.worker.stop(grace):
+            log.warning("processing did not finish within %.0f s; it resumes on next start", grace)
+        for listener in self.listeners:
+            await listener.server.wait_closed()
+        log.info("stopped")
+
+    async def _drain_sessions(self, grace: float) -> None:
+        """Let clients finish the transaction they are in, up to `grace` seconds."""
+        self.door.closing = True
+        deadline = time.monotonic() + grace
+        while self.door.inside and time.monotonic() < deadline:
+            self.door.send_idle_away()
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        if self.door.inside:
+            log.warning(
+                "closing %d session(s) still sending after %.0f s", len(self.door.inside), grace
+            )
+            self.door.send_all_away()
+        await asyncio.sleep(0)  # let the transports run their connection_lost
+
+    async def _stop_tasks(self, tasks: list[asyncio.Task[None]], grace: float) -> None:
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            log.warning("background task %s did not stop within %.0f s", task.get_name(), grace)
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def serve_until_signalled(service: Service) -> None:
+    """Run `service` until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        log.info("%s received: shutting down", signum.name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await service.run(stop)

@@ -1,0 +1,382 @@
+"""The routing rules file (`rules.yaml`) as pydantic models: everything ops may write in it.
+
+Shorthands keep the file short without unions in the models (unions make pydantic report one
+error per alternative): `subject: 至急` means `subject: {equals: 至急}`, a list means `in`,
+`assignee: yamada` means `assignee: {team: yamada}` (a person or a team), and
+`attachment: true` means "has an attachment". Checks that need the whole file (unknown assignee,
+category or priority) live in `rules.load`, where they can point at a line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from datetime import date, time
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import re2
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SOURCE_KINDS = ("phone", "fax", "webform", "email")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+KEBAB_CASE = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
+DURATION = re.compile(r"^(?:(?P<d>\d+)d)?\s*(?:(?P<h>\d+)h)?\s*(?:(?P<m>\d+)m)?$")
+NEXT_BUSINESS_DAY = re.compile(r"^next_business_day\s+(?P<hh>[01]?\d|2[0-3]):(?P<mm>[0-5]\d)$")
+
+Strategy = Literal["fixed", "round_robin", "least_open"]
+Verdict = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def re2_options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # the error goes into our message, not onto stderr
+    return options
+
+
+def compile_regex(pattern: str) -> re2._Regexp:
+    """Compile with RE2 (linear time, so no pattern can hang intake); errors in plain words."""
+    try:
+        return re2.compile(pattern, re2_options())
+    except re2.error as exc:
+        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(f"bad regular expression `{pattern}`: {detail}") from None
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently change routing."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class TextTest(Strict):
+    """Operators on a text value. Several operators in one test must all hold; a test on a list
+    of values (recipients, headers) holds if one value satisfies it. `equals`, `contains`,
+    `starts_with`, `ends_with` and `in` ignore case and width (NFKC: ＦＡＸ = fax, ｶﾅ = カナ);
+    `regex` searches the text as it is (write `(?i)` for case-insensitive)."""
+
+    equals: str | None = None
+    contains: list[str] | None = None
+    starts_with: list[str] | None = None
+    ends_with: list[str] | None = None
+    regex: str | None = None
+    in_: list[str] | None = Field(default=None, alias="in")
+    exists: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return {"equals": str(value)}
+        if isinstance(value, list):
+            return {"in": value}
+        return value
+
+    @field_validator("contains", "starts_with", "ends_with", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return _as_list(value)
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            compile_regex(value)
+        return value
+
+    @model_validator(mode="after")
+    def _has_operator(self) -> TextTest:
+        if not self.operators():
+            raise ValueError(
+                "no operator: use equals, contains, starts_with, ends_with, regex, in or exists"
+            )
+        return self
+
+    def operators(self) -> dict[str, Any]:
+        """The operators given, by their YAML names."""
+        return {
+            name: value
+            for name, value in self.model_dump(by_alias=True, include=TEXT_OPERATORS).items()
+            if value is not None
+        }
+
+
+TEXT_OPERATORS = {"equals", "contains", "starts_with", "ends_with", "regex", "in_", "exists"}
+
+
+class NamedTextTest(TextTest):
+    """A test on a named header or extracted field: `{name: X-Priority, equals: "1"}`."""
+
+    name: str = Field(min_length=1)
+
+
+class AddressTest(Strict):
+    address: TextTest | None = None
+    domain: TextTest | None = None
+
+    @model_validator(mode="after")
+    def _has_part(self) -> AddressTest:
+        if self.address is None and self.domain is None:
+            raise ValueError("give `address` or `domain`")
+        return self
+
+
+class AttachmentTest(Strict):
+    """`attachment: true` (has one), `false` (has none), or tests on the type and name that
+    one attachment must pass. Inline parts (images in an HTML signature) do not count."""
+
+    present: bool = True
+    type: TextTest | None = None
+    name: TextTest | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"present": value} if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AttachmentTest:
+        if not self.present and (self.type or self.name):
+            raise ValueError("`present: false` cannot be combined with `type` or `name`")
+        return self
+
+
+class AuthTest(Strict):
+    """The verdicts in the Authentication-Results header our own MTA added."""
+
+    spf: Verdict | None = None
+    dkim: Verdict | None = None
+    dmarc: Verdict | None = None
+
+    @model_validator(mode="after")
+    def _has_method(self) -> AuthTest:
+        if not (self.spf or self.dkim or self.dmarc):
+            raise ValueError("give at least one of spf, dkim, dmarc")
+        return self
+
+
+class Condition(Strict):
+    """One `when` mapping. Several keys in one mapping must all hold."""
+
+    all_: list[Condition] | None = Field(default=None, alias="all")
+    any_: list[Condition] | None = Field(default=None, alias="any")
+    not_: Condition | None = Field(default=None, alias="not")
+    always: Literal[True] | None = None
+    from_: AddressTest | None = Field(default=None, alias="from")
+    to: AddressTest | None = None  # any recipient: To, Cc or the envelope
+    subject: TextTest | None = None
+    body: TextTest | None = None
+    header: NamedTextTest | None = None
+    source_kind: TextTest | None = None
+    attachment: AttachmentTest | None = None
+    field: NamedTextTest | None = None
+    follow_up: bool | None = None
+    auto_reply: bool | None = None
+    auth: AuthTest | None = None
+    business_hours: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if value is None or value == {}:
+            raise ValueError(
+                "empty condition: give at least one (write `always: true` to match every mail)"
+            )
+        return value
+
+    @field_validator("all_", "any_")
+    @classmethod
+    def _non_empty_list(cls, value: list[Condition] | None) -> list[Condition] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list matches nothing; give at least one condition")
+        return value
+
+    @field_validator("source_kind")
+    @classmethod
+    def _known_kinds(cls, value: TextTest | None) -> TextTest | None:
+        if value is None:
+            return value
+        for kind in [value.equals] if value.equals else value.in_ or []:
+            if kind not in SOURCE_KINDS:
+                raise ValueError(
+                    f"unknown source kind `{kind}`{did_you_mean(kind, SOURCE_KINDS)}; "
+                    f"known: {', '.join(SOURCE_KINDS)}"
+                )
+        return value
+
+    def is_catch_all(self) -> bool:
+        """True if this condition is `always: true` and nothing else."""
+        return self.model_fields_set == {"always"}
+
+
+class AssigneeRef(Strict):
+    """A person, or a team (then `strategy` may override the team's own)."""
+
+    name: str = Field(alias="team", min_length=1)
+    strategy: Strategy | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"team": value} if isinstance(value, str) else value
+
+
+class Actions(Strict):
+    """What a rule (or the defaults) sets on the decision."""
+
+    category: str | None = None
+    assignee: AssigneeRef | None = None
+    priority: str | None = None
+    due_in: str | None = None
+    labels: list[str] = Field(default_factory=list)
+    fields: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @field_validator("due_in")
+    @classmethod
+    def _due_syntax(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_due(value)
+        return value
+
+
+class Then(Actions):
+    drop: str | None = Field(default=None, min_length=1)
+    continue_: bool = Field(default=False, alias="continue")
+    allow_auto_reply: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if value is None or value == {}:
+            raise ValueError("empty `then`: say what the rule does (category, assignee, ...)")
+        return value
+
+
+class Rule(Strict):
+    name: str = Field(pattern=KEBAB_CASE)
+    description: str | None = None
+    when: Condition
+    then: Then
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _kebab(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.match(KEBAB_CASE, value):
+            raise ValueError(
+                f"rule names are kebab-case (lower-case words joined by -), not `{value}`"
+            )
+        return value
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _when_given(cls, value: Any) -> Any:
+        if value is None or value == {}:
+            raise ValueError("empty `when`: give a condition (`always: true` matches every mail)")
+        return value
+
+
+class Person(Strict):
+    display_name: str | None = None
+    email: str | None = None
+
+
+class Team(Strict):
+    members: list[str] = Field(min_length=1)
+    strategy: Strategy = "round_robin"
+
+
+class BusinessHours(Strict):
+    """Opening hours for `business_hours` conditions and `next_business_day` due times."""
+
+    timezone: str = "Asia/Tokyo"
+    weekdays: list[Weekday] = Field(default_factory=lambda: ["mon", "tue", "wed", "thu", "fri"])
+    open: time = time(9, 0)
+    close: time = time(18, 0)
+    holidays: list[date] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone `{value}` (e.g. Asia/Tokyo)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _open_before_close(self) -> BusinessHours:
+        if self.open >= self.close:
+            raise ValueError(f"`open` ({self.open}) must be before `close` ({self.close})")
+        return self
+
+
+class RulesFile(Strict):
+    people: dict[str, Person] = Field(default_factory=dict)
+    teams: dict[str, Team] = Field(default_factory=dict)
+    categories: list[str] = Field(default_factory=list)  # empty: any category is allowed
+    priorities: list[str] = Field(default_factory=list)  # empty: any priority is allowed
+    business_hours: BusinessHours = Field(default_factory=BusinessHours)
+    # Only Authentication-Results headers from this server count (RFC 8601); without it, the
+    # topmost header (added last, by our own MTA) is used.
+    authserv_id: str | None = None
+    defaults: Actions = Field(default_factory=Actions)
+    rules: list[Rule] = Field(default_factory=list)
+
+    @field_validator("people", mode="before")
+    @classmethod
+    def _people_list(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return {name: {} for name in value}
+        if isinstance(value, dict):
+            return {name: person or {} for name, person in value.items()}
+        return value
+
+
+def parse_due(text: str) -> tuple[int, time | None]:
+    """`4h`, `1d 2h`, `90m` -> (minutes, None); `next_business_day 10:00` -> (0, 10:00)."""
+    text = text.strip()
+    nbd = NEXT_BUSINESS_DAY.match(text)
+    if nbd:
+        return 0, time(int(nbd["hh"]), int(nbd["mm"]))
+    duration = DURATION.match(text)
+    if text and duration:
+        days, hours, minutes = (int(duration[k] or 0) for k in "dhm")
+        return (days * 24 + hours) * 60 + minutes, None
+    raise ValueError(
+        f"`{text}` is not a due time: write e.g. `4h`, `1d`, `30m` or `next_business_day 10:00`"
+    )
+
+
+def did_you_mean(word: str, candidates: Any) -> str:
+    """` — did you mean `x`?` when a candidate is close to `word`, else ``."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f" — did you mean `{close[0]}`?" if close else ""
+
+
+def known_keys() -> set[str]:
+    """Every key the rules file knows, for "did you mean" on unknown keys."""
+    keys: set[str] = set()
+    models = [
+        TextTest,
+        NamedTextTest,
+        AddressTest,
+        AttachmentTest,
+        AuthTest,
+        Condition,
+        AssigneeRef,
+        Actions,
+        Then,
+        Rule,
+        Person,
+        Team,
+        BusinessHours,
+        RulesFile,
+    ]
+    for model in models:
+        keys.update(info.alias or name for name, info in model.model_fields.items())
+    return keys

@@ -1,0 +1,195 @@
+"""A private Dovecot IMAP server for tests: 127.0.0.1, a free port, everything in a temp dir.
+
+Users live in a passwd-file (Dovecot re-reads it when it changes, so tests add users while the
+server runs) and mail in Maildirs under the same temp dir. Started as root (the usual CI
+container), Dovecot runs its processes as the `dovecot`/`dovenull` users the package created and
+stores mail as `dovecot`; started as anybody else, everything runs as that user.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+CONFIG = """\
+base_dir = {root}/run
+state_dir = {root}/state
+instance_name = mailintake-test-{port}
+log_path = {root}/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login xoauth2
+auth_failure_delay = 0
+default_internal_user = {internal_user}
+default_login_user = {login_user}
+first_valid_uid = {mail_uid}
+last_valid_uid = {mail_uid}
+mail_location = maildir:{root}/mail/%u
+mailbox_idle_check_interval = 1 secs
+imap_idle_notify_interval = 1 mins
+
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {root}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {root}/users
+}}
+namespace inbox {{
+  inbox = yes
+  separator = /
+}}
+protocol imap {{
+  mail_max_userip_connections = 50
+}}
+service imap-login {{
+  chroot =
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service anvil {{
+  chroot =
+  # No growing delay after failed logins: tests fail logins on purpose.
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
+"""
+
+
+def unavailable_reason() -> str | None:
+    """Why Dovecot cannot run here, or None if it can."""
+    if not Path(DOVECOT).is_file():
+        return f"no dovecot binary at {DOVECOT} (install the dovecot-imapd package)"
+    version = subprocess.run([DOVECOT, "--version"], capture_output=True, text=True, check=False)
+    if version.returncode != 0 or not version.stdout.startswith("2.3"):
+        return f"{DOVECOT} is not Dovecot 2.3 ({version.stdout.strip() or version.stderr.strip()})"
+    if os.geteuid() == 0 and not _user_exists("dovecot"):
+        return "running as root but the `dovecot` system user is missing"
+    return None
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Dovecot:
+    """One Dovecot instance; `start()`/`stop()` may be called repeatedly (same port, same mail)."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="mailintake-dovecot-"))
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        if os.geteuid() == 0:
+            mail_user = pwd.getpwnam("dovecot")
+            internal_user = "dovecot"
+            login_user = "dovenull" if _user_exists("dovenull") else "dovecot"
+        else:
+            mail_user = pwd.getpwuid(os.geteuid())
+            internal_user = login_user = mail_user.pw_name
+        self.uid, self.gid = mail_user.pw_uid, mail_user.pw_gid
+        self.root.chmod(0o755)
+        (self.root / "mail").mkdir()
+        os.chown(self.root / "mail", self.uid, self.gid)
+        (self.root / "users").write_text("")
+        self.config = self.root / "dovecot.conf"
+        self.config.write_text(
+            CONFIG.format(
+                root=self.root,
+                port=self.port,
+                internal_user=internal_user,
+                login_user=login_user,
+                mail_uid=self.uid,
+            )
+        )
+
+    def add_user(self, name: str, password: str) -> None:
+        with (self.root / "users").open("a") as users:
+            users.write(f"{name}:{password}:{self.uid}:{self.gid}::{self.root}/mail/{name}::\n")
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [DOVECOT, "-F", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: stop() ends every child too
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dovecot exited at start: {self._failure()}")
+            if self._greets():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"dovecot did not answer on 127.0.0.1:{self.port}: {self._failure()}")
+
+    def _greets(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                return sock.recv(100).startswith(b"* OK")
+        except OSError:
+            return False
+
+    def _failure(self) -> str:
+        stderr = self.process.stderr.read().decode(errors="replace") if self.process else ""
+        log = self.root / "dovecot.log"
+        return (stderr + (log.read_text(errors="replace") if log.exists() else ""))[-2000:]
+
+    def stop(self) -> None:
+        """Stop the server and every process of it, so clients see their connections drop (a
+        plain SIGTERM to the master leaves running imap processes serving their clients)."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        group = self.process.pid
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _group_alive(group):
+            if time.monotonic() > deadline:
+                os.killpg(group, signal.SIGKILL)
+            time.sleep(0.02)
+            self.process.poll()
+        self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,485 @@
+"""The IMAP fetcher against a real Dovecot (see tests/dovecot.py): every message exactly once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from imapclient import IMAPClient
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
+
+from cli import app
+from config import ImapAccount, ImapSettings, Settings
+from ingest.imap import Backoff, FolderFetcher, Hooks, folder_fetchers, start_fetchers
+from ingest.pipeline import PipelineContext, process
+from storage import repo
+from storage.models import InboundMessage, Ticket
+from tests.dovecot import Dovecot, unavailable_reason
+from tests.mails import simple_mail
+from tests.test_smtp import ServiceThread
+
+USER = "inquiry@wine-importer.example.jp"
+PASSWORD = "s3cret-Pa55"  # a test password, never to be seen in logs
+FAST = {
+    "backoff_initial_seconds": 0.05,
+    "backoff_max_seconds": 0.2,
+    "poll_interval_seconds": 0.2,
+    "timeout_seconds": 10,
+}
+
+
+@pytest.fixture
+def dovecot() -> Iterator[Dovecot]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"Dovecot IMAP tests need Dovecot 2.3: {reason}")
+    server = Dovecot()
+    server.add_user(USER, PASSWORD)
+    server.start()
+    yield server
+    server.remove()
+
+
+class Mailbox:
+    """The test user's mailbox as the mail gateway or a human sees it; each call logs in anew,
+    so it works across Dovecot restarts."""
+
+    def __init__(self, dovecot: Dovecot) -> None:
+        self.port = dovecot.port
+
+    @contextmanager
+    def client(self) -> Iterator[IMAPClient]:
+        with IMAPClient("127.0.0.1", self.port, ssl=False, timeout=10) as client:
+            client.login(USER, PASSWORD)
+            yield client
+
+    def fill(self, messages: list[bytes], folder: str = "INBOX") -> None:
+        with self.client() as client:
+            if not client.folder_exists(folder):
+                client.create_folder(folder)
+            for start in range(0, len(messages), 50):
+                client.multiappend(folder, messages[start : start + 50])
+
+    def unseen(self, folder: str = "INBOX") -> list[int]:
+        with self.client() as client:
+            client.select_folder(folder, readonly=True)
+            return list(client.search(["UNSEEN"]))
+
+    def count(self, folder: str) -> int | None:
+        """Messages in `folder`, None if there is no such folder."""
+        with self.client() as client:
+            if not client.folder_exists(folder):
+                return None
+            return int(client.folder_status(folder, ["MESSAGES"])[b"MESSAGES"])
+
+    def uidvalidity(self, folder: str) -> int:
+        with self.client() as client:
+            return int(client.folder_status(folder, ["UIDVALIDITY"])[b"UIDVALIDITY"])
+
+    def delete(self, folder: str) -> None:
+        with self.client() as client:
+            client.delete_folder(folder)
+
+
+@pytest.fixture
+def mailbox(dovecot: Dovecot) -> Mailbox:
+    return Mailbox(dovecot)
+
+
+def imap_settings(
+    db_url: str, dovecot: Dovecot, imap: dict[str, Any] | None = None, **account: Any
+) -> Settings:
+    if not {"password", "password_env", "token_file", "token_command"} & set(account):
+        account["password"] = PASSWORD
+    server = {"host": "127.0.0.1", "port": dovecot.port, "security": "none", "username": USER}
+    accounts = [{"name": "inquiry", **server, **account}]
+    return Settings(database={"url": db_url}, imap={"accounts": accounts, **FAST, **(imap or {})})
+
+
+def mails(count: int, prefix: str = "在庫の問い合わせ") -> list[bytes]:
+    return [
+        simple_mail(f"{prefix} {n}", f"ボルドー {n} の在庫はありますか。") for n in range(count)
+    ]
+
+
+def processing(pipeline: PipelineContext) -> Callable[[int], None]:
+    return lambda inbound_id: process(pipeline, inbound_id) and None
+
+
+def fetcher(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    pipeline: PipelineContext,
+    on_received: Callable[[int], None] | None = None,
+) -> FolderFetcher:
+    hooks = Hooks(on_received or processing(pipeline))
+    (only,) = folder_fetchers(settings, sessions, hooks)
+    return only
+
+
+def ticket_count(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return session.scalar(select(func.count(Ticket.id))) or 0
+
+
+def statuses(sessions: sessionmaker[Session]) -> dict[str, int]:
+    with sessions() as session:
+        return repo.count_by_status(session)
+
+
+def ticketed_message_ids(sessions: sessionmaker[Session]) -> list[str]:
+    query = select(InboundMessage.message_id).join(
+        Ticket, Ticket.inbound_message_id == InboundMessage.id
+    )
+    with sessions() as session:
+        return list(session.scalars(query))
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[FolderFetcher], None]]:
+    """Run fetchers in threads; stop and join them at the end of the test."""
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def start(folder_fetcher: FolderFetcher) -> None:
+        thread = threading.Thread(target=folder_fetcher.run, args=(stop,), daemon=True)
+        thread.start()
+        threads.append(thread)
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "a fetcher did not stop"
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_account_needs_exactly_one_credential_and_a_move_target():
+    base = {"name": "inquiry", "host": "imap.example.jp", "username": USER}
+    with pytest.raises(ValidationError, match="exactly one of"):
+        ImapAccount(**base)
+    with pytest.raises(ValidationError, match="exactly one of"):
+        ImapAccount(**base, password="x", password_env="X")
+    with pytest.raises(ValidationError, match="move_to"):
+        ImapAccount(**base, password_env="X", after="move")
+    account = ImapAccount(**base, token_file="/run/token")
+    assert (account.server_port, account.folders, account.after) == (993, ["INBOX"], "seen")
+    assert "x" not in repr(ImapAccount(**base, password="x").password)
+    with pytest.raises(ValidationError, match="unique: inquiry"):
+        ImapSettings(accounts=[{**base, "password_env": "X"}] * 2)
+
+
+def test_backoff_grows_with_jitter_up_to_the_maximum():
+    backoff = Backoff(initial=1, maximum=8)
+    delays = [backoff.next_delay() for _ in range(6)]
+    for delay, ceiling in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    backoff.reset()
+    assert backoff.next_delay() <= 1
+
+
+# --- fetching ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after", ["seen", "move", "delete"])
+def test_200_waiting_messages_become_200_tickets_then_the_after_action(
+    after, db_url, dovecot, mailbox, sessions, pipeline
+):
+    mailbox.fill(mails(200))
+    settings = imap_settings(db_url, dovecot, after=after, move_to="Processed")
+    folder_fetcher = fetcher(settings, sessions, pipeline)
+
+    assert folder_fetcher.fetch_once() == 200
+
+    assert ticket_count(sessions) == 200
+    assert statuses(sessions) == {"ticket": 200}
+    if after == "seen":
+        assert mailbox.unseen() == []
+        assert mailbox.count("INBOX") == 200
+    else:
+        assert mailbox.count("INBOX") == 0
+        assert mailbox.count("Processed") == (200 if after == "move" else None)
+    with sessions() as session:
+        _uidvalidity, last_uid = repo.imap_checkpoint(session, "inquiry", "INBOX")
+    assert last_uid == 200
+    # The checkpoint keeps a second run from fetching anything again.
+    assert folder_fetcher.fetch_once() == 0
+    assert statuses(sessions) == {"ticket": 200}
+
+
+def test_message_appended_while_idling_becomes_a_ticket_within_5_seconds(
+    db_url, dovecot, mailbox, sessions, pipeline, running
+):
+    mailbox.fill(mails(1, "first"))
+    running(fetcher(imap_settings(db_url, dovecot), sessions, pipeline))
+    wait_for(lambda: ticket_count(sessions) == 1, 10, "the waiting message became a ticket")
+    wait_for(lambda: mailbox.unseen() == [], 5, "the first message was marked seen")
+
+    for round_ in (2, 3):
+        mailbox.fill(mails(1, f"round {round_}"))
+        wait_for(lambda n=round_: ticket_count(sessions) == n, 5, "the appended message")
+
+
+def test_message_announced_in_a_command_response_is_not_left_for_the_idle_renewal(
+    db_url, dovecot, mailbox, sessions, pipeline, running
+):
+    """Mail arriving during a fetch is announced in the response to our next command (here
+    the STORE of \\Seen), not again in IDLE; it must still be fetched right away."""
+    mailbox.fill(mails(1, "first"))
+
+    def on_received(inbound_id: int) -> None:
+        process(pipeline, inbound_id)
+        if inbound_id == 1:
+            mailbox.fill(mails(1, "arrived during the fetch"))
+
+    settings = imap_settings(db_url, dovecot, imap={"idle_renew_seconds": 300})
+    running(fetcher(settings, sessions, pipeline, on_received))
+    wait_for(lambda: ticket_count(sessions) == 2, 5, "the message that arrived during a fetch")
+
+
+def test_without_idle_the_fetcher_polls(db_url, dovecot, mailbox, sessions, pipeline, running):
+    settings = imap_settings(db_url, dovecot, imap={"idle": False})
+    running(fetcher(settings, sessions, pipeline))
+    mailbox.fill(mails(3))
+    wait_for(lambda: ticket_count(sessions) == 3, 5, "three polled messages became tickets")
+
+
+@pytest.mark.slow
+def test_dovecot_stopped_mid_fetch_and_restarted_every_message_once(
+    db_url, dovecot, mailbox, sessions, pipeline, running
+):
+    messages = mails(200)
+    mailbox.fill(messages)
+    received = []
+
+    def on_received(inbound_id: int) -> None:
+        process(pipeline, inbound_id)
+        received.append(inbound_id)
+        if len(received) == 55:  # in the middle of the sixth batch of ten
+            dovecot.stop()
+            threading.Timer(0.3, dovecot.start).start()
+
+    settings = imap_settings(db_url, dovecot, imap={"batch_size": 10})
+    running(fetcher(settings, sessions, pipeline, on_received))
+    wait_for(lambda: ticket_count(sessions) == 200, 60, "200 tickets after the restart")
+    wait_for(lambda: mailbox.unseen() == [], 10, "every message marked seen")
+
+    ticketed = ticketed_message_ids(sessions)
+    assert sorted(ticketed) == sorted(set(ticketed))
+    assert len(ticketed) == 200
+    assert set(statuses(sessions)) <= {"ticket", "duplicate"}
+
+
+def test_after_action_failing_after_commit_then_refetch_makes_no_second_ticket(
+    db_url, dovecot, mailbox, sessions, pipeline
+):
+    mailbox.fill(mails(5))
+
+    def on_received(inbound_id: int) -> None:
+        process(pipeline, inbound_id)
+        if inbound_id == 5:  # committed, not yet marked seen: the connection drops
+            dovecot.stop()
+            dovecot.start()
+
+    settings = imap_settings(db_url, dovecot)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the dropped connection raises
+        fetcher(settings, sessions, pipeline, on_received).fetch_once()
+    assert ticket_count(sessions) == 5
+    assert len(mailbox.unseen()) == 5
+
+    assert fetcher(settings, sessions, pipeline).fetch_once() == 5
+
+    assert ticket_count(sessions) == 5
+    assert statuses(sessions) == {"ticket": 5, "duplicate": 5}
+    assert mailbox.unseen() == []
+
+
+def test_uidvalidity_reset_rescans_without_duplicate_tickets(
+    db_url, dovecot, mailbox, sessions, pipeline, caplog
+):
+    messages = mails(5)
+    mailbox.fill(messages, "Fax")
+    settings = imap_settings(db_url, dovecot, folders=["Fax"])
+    assert fetcher(settings, sessions, pipeline).fetch_once() == 5
+    before = mailbox.uidvalidity("Fax")
+
+    mailbox.delete("Fax")
+    mailbox.fill([*messages, *mails(1, "new after the reset")], "Fax")
+    assert mailbox.uidvalidity("Fax") != before
+
+    with caplog.at_level(logging.WARNING, logger="ingest.imap"):
+        assert fetcher(settings, sessions, pipeline).fetch_once() == 6
+    assert "UIDVALIDITY changed" in caplog.text
+    assert ticket_count(sessions) == 6
+    assert statuses(sessions) == {"ticket": 6, "duplicate": 5}
+
+
+def test_oversized_message_is_recorded_failed_and_the_rest_flows(
+    db_url, dovecot, mailbox, sessions, pipeline
+):
+    big = simple_mail("FAX 見積書", attachments=[("fax.pdf", "application/pdf", b"%PDF" * 5000)])
+    small = mails(3)
+    mailbox.fill([small[0], big, *small[1:]])
+    settings = imap_settings(db_url, dovecot)
+    settings.intake.max_message_bytes = 10_000
+
+    assert fetcher(settings, sessions, pipeline).fetch_once() == 4
+
+    assert statuses(sessions) == {"ticket": 3, "failed": 1}
+    with sessions() as session:
+        (failed,) = repo.list_messages(session, status="failed")
+        assert failed.fail_stage == "fetch"
+        assert "over intake.max_message_bytes" in (failed.error or "")
+        assert failed.size > 10_000 and failed.message_id
+        assert failed.envelope["uid"] == 2
+    assert mailbox.unseen() == [2]  # left for a human to see
+
+
+@pytest.mark.parametrize("credential", ["password_env", "token_file", "token_command"])
+def test_password_from_env_and_xoauth2_tokens_from_file_or_command(
+    credential, db_url, dovecot, mailbox, sessions, pipeline, tmp_path, monkeypatch
+):
+    # Dovecot checks an XOAUTH2 token like a password against its passdb, so the test user's
+    # password doubles as its access token.
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{PASSWORD}\n", encoding="utf-8")
+    monkeypatch.setenv("MAILINTAKE_TEST_IMAP_PASSWORD", PASSWORD)
+    source = {
+        "password_env": "MAILINTAKE_TEST_IMAP_PASSWORD",
+        "token_file": str(token_file),
+        "token_command": shlex.join([sys.executable, "-c", f"print({PASSWORD!r})"]),
+    }[credential]
+    mailbox.fill(mails(2))
+    settings = imap_settings(db_url, dovecot, **{credential: source})
+    assert fetcher(settings, sessions, pipeline).fetch_once() == 2
+    assert ticket_count(sessions) == 2
+
+
+def test_wrong_password_logs_one_line_per_backoff_and_keeps_trying(
+    db_url, dovecot, mailbox, sessions, pipeline, caplog
+):
+    settings = imap_settings(
+        db_url,
+        dovecot,
+        imap={"backoff_initial_seconds": 0.1, "stalled_after_seconds": 0.3},
+        password="wrong-Pa55word",
+    )
+    stop = threading.Event()
+    with caplog.at_level(logging.DEBUG):
+        (thread,) = start_fetchers(settings, sessions, processing(pipeline), stop)
+        time.sleep(2)
+        assert thread.is_alive()
+        stop.set()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+
+    mine = [r for r in caplog.records if r.name == "ingest.imap"]
+    attempts = [r for r in mine if "login as" in r.getMessage()]
+    # Waits are at least 0.05 s (Dovecot adds 0.5 s to each failed login): no tight loop.
+    assert 2 <= len(attempts) <= 2 / 0.05 + 1
+    assert f"login as {USER} at 127.0.0.1:{dovecot.port} failed" in attempts[0].getMessage()
+    assert "AUTHENTICATIONFAILED" in attempts[0].getMessage()
+    stalled = [r for r in mine if "stalled" in r.getMessage()]
+    assert len(stalled) == 1 and stalled[0].levelno == logging.ERROR
+    assert not any("wrong-Pa55word" in r.getMessage() for r in caplog.records)
+    assert ticket_count(sessions) == 0
+
+
+def test_start_fetchers_runs_one_thread_per_account_folder(
+    db_url, dovecot, mailbox, sessions, pipeline
+):
+    mailbox.fill(mails(2), "Fax")
+    mailbox.fill(mails(3))
+    settings = imap_settings(db_url, dovecot, folders=["INBOX", "Fax"])
+    stop = threading.Event()
+    threads = start_fetchers(settings, sessions, processing(pipeline), stop)
+    try:
+        assert sorted(t.name for t in threads) == ["imap inquiry/Fax", "imap inquiry/INBOX"]
+        wait_for(lambda: ticket_count(sessions) == 5, 10, "both folders fetched")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=5)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_serve_runs_the_fetchers_and_its_worker_makes_the_tickets(
+    db_url, dovecot, mailbox, sessions
+):
+    settings = imap_settings(db_url, dovecot)
+    settings.smtp.port = 0
+    service = ServiceThread(settings, sessions).start()
+    try:
+        mailbox.fill(mails(3))
+        wait_for(lambda: ticket_count(sessions) == 3, 10, "three tickets from the service")
+    finally:
+        service.stop()
+    assert mailbox.unseen() == []
+
+
+def test_fetch_once_cli_prints_a_summary_and_exits_1_on_failures(
+    db_url, dovecot, mailbox, tmp_path, monkeypatch
+):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+database: {{url: "{db_url}"}}
+intake: {{max_message_bytes: 10000}}
+imap:
+  accounts:
+    - name: inquiry
+      host: 127.0.0.1
+      port: {dovecot.port}
+      security: none
+      username: {USER}
+      password_env: MAILINTAKE_TEST_IMAP_PASSWORD
+      folders: [INBOX]
+""",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("MAILINTAKE_TEST_IMAP_PASSWORD", PASSWORD)
+    runner = CliRunner()
+    mailbox.fill(mails(2))
+    result = runner.invoke(app, ["--config", str(config), "fetch", "--once", "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"ticket": 2' in result.stdout
+
+    mailbox.fill([simple_mail("big", attachments=[("a.pdf", "application/pdf", b"x" * 20000)])])
+    result = runner.invoke(app, ["--config", str(config), "fetch", "--once"])
+    assert result.exit_code == 1
+    assert "1 failed" in result.stdout
+
+    result = runner.invoke(app, ["--config", str(config), "fetch", "--once", "--account", "fax"])
+    assert result.exit_code == 2
+    assert "no IMAP account fax" in result.output
+
+
+def test_tests_leave_no_dovecot_running(dovecot: Dovecot) -> None:
+    group = dovecot.process.pid if dovecot.process else 0
+    dovecot.remove()
+    assert not Path(dovecot.root).exists()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)
