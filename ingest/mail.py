@@ -85,3 +85,4 @@ class IncomingMail:
     auto_reply: str | None = None  # why it is an auto-reply/bounce/loop, if it is one
     follow_up_ticket_id: int | None = None  # the ticket this mail answers
     decision: Decision | None = None
+    stage: str = "received"  # the pipeline stage running now; names where a failure happened

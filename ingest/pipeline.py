@@ -77,14 +77,14 @@ def route_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> N
     mail.decision = decision
 
 
-def examine(mail: IncomingMail, ctx: PipelineContext, stage: list[str]) -> None:
+def examine(mail: IncomingMail, ctx: PipelineContext) -> None:
     """The stages before routing, which need no database: parse, detect, extract. `rules test`
-    and `rules diff` run them too; `stage[0]` names the stage running."""
-    stage[0] = "parse"
+    and `rules diff` run them too."""
+    mail.stage = "parse"
     parse_stage(mail, ctx)
-    stage[0] = "detect"
+    mail.stage = "detect"
     detect(mail)
-    stage[0] = "extract"
+    mail.stage = "extract"
     extract(mail, ctx.source_templates())
 
 
@@ -114,34 +114,31 @@ def process(ctx: PipelineContext, inbound_id: int) -> MessageStatus | None:
     mail = load(ctx, inbound_id)
     if mail is None:
         return None
-    stage = ["parse"]
     try:
-        examine(mail, ctx, stage)
+        examine(mail, ctx)
         try:
-            fate = _route_and_store(ctx, mail, stage)
+            fate = _route_and_store(ctx, mail)
         except IntegrityError:
             # Another process stored the same message at the same moment; a second pass
             # sees its record and makes this delivery a duplicate.
-            fate = _route_and_store(ctx, mail, stage)
+            fate = _route_and_store(ctx, mail)
     except Exception as exc:
-        _record_failure(ctx, mail, stage[0], exc)
+        _record_failure(ctx, mail, mail.stage, exc)
         return MessageStatus.FAILED
     if fate is not None:
         log.info("message %s %s: %s", inbound_id, _mid(mail), fate)
     return fate
 
 
-def _route_and_store(
-    ctx: PipelineContext, mail: IncomingMail, stage: list[str]
-) -> MessageStatus | None:
-    """The transactional part; `stage[0]` tells the caller where an exception came from."""
+def _route_and_store(ctx: PipelineContext, mail: IncomingMail) -> MessageStatus | None:
+    """The transactional part: claim, route, store, all committed together or not at all."""
     with ctx.sessions.begin() as session:
-        stage[0] = "claim"
+        mail.stage = "claim"
         if not repo.claim(session, mail.inbound_id):
             return None
-        stage[0] = "route"
+        mail.stage = "route"
         route_stage(mail, ctx, session)
-        stage[0] = "store"
+        mail.stage = "store"
         fate = store(session, mail, ctx.settings.tickets.key_prefix)
         record_attempt(session, mail.inbound_id, fate)
         return fate

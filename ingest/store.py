@@ -59,7 +59,11 @@ def _add_ticket(session: Session, mail: IncomingMail, row: InboundMessage, prefi
     parsed, decision = mail.parsed, mail.decision
     assert parsed is not None and decision is not None
     fields = {**mail.fields, **decision.fields}
-    requester = {name: fields.pop(name, None) for name in REQUESTER_FIELDS}
+    requester = {name: fields.get(name) for name in REQUESTER_FIELDS}
+    if mail.source_kind == "email":
+        # A person wrote this mail; for template sources From is the gateway, not the requester.
+        requester["requester_name"] = requester["requester_name"] or parsed.from_name
+        requester["requester_email"] = requester["requester_email"] or parsed.from_email
     ticket = Ticket(
         key=f"new-{row.id}",
         source_kind=decision.source_kind,
@@ -67,8 +71,8 @@ def _add_ticket(session: Session, mail: IncomingMail, row: InboundMessage, prefi
         subject=parsed.subject,
         body=parsed.text,
         body_html=parsed.html,
-        requester_name=requester["requester_name"] or parsed.from_name,
-        requester_email=requester["requester_email"] or parsed.from_email,
+        requester_name=requester["requester_name"],
+        requester_email=requester["requester_email"],
         requester_phone=requester["requester_phone"],
         requester_company=requester["requester_company"],
         assignee=decision.assignee,

@@ -36,7 +36,7 @@ class DryRouter:
 
     def route(self, mail: IncomingMail) -> Evaluation:
         """Run every stage up to the decision (`mail.decision`); nothing is written."""
-        examine(mail, self.pipeline, ["parse"])
+        examine(mail, self.pipeline)
         with self.pipeline.sessions() as session:
             route_stage(mail, self.pipeline, session)
             session.rollback()
