@@ -243,12 +243,18 @@ def print_json(data: Any) -> None:
     out.print_json(json.dumps(data, ensure_ascii=False))
 
 
-def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+def print_rows(
+    title: str, columns: list[str], rows: list[dict[str, Any]], json_output: bool
+) -> None:
+    """A listing: all of each row as JSON for scripts, else the chosen columns as a table."""
+    if json_output:
+        print_json(rows)
+        return
     table = Table(title=title)
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
     out.print(table)
 
 
@@ -437,11 +443,8 @@ def tickets_list(
     """List tickets, newest first."""
     with runtime(ctx) as rt, rt.sessions() as session:
         tickets = [ticket_view(t) for t in repo.list_tickets(session, limit, status)]
-    if json_output:
-        print_json(tickets)
-        return
     columns = ["key", "created_at", "source_kind", "category", "assignee", "priority", "subject"]
-    print_table("tickets", columns, [[t[c] for c in columns] for t in tickets])
+    print_rows("tickets", columns, tickets, json_output)
 
 
 @tickets_app.command("show")
@@ -493,11 +496,8 @@ def messages_list(
     """List received messages and their fate, newest first."""
     with runtime(ctx) as rt, rt.sessions() as session:
         messages = [message_view(m) for m in repo.list_messages(session, limit, status)]
-    if json_output:
-        print_json(messages)
-        return
     columns = ["id", "received_at", "source", "status", "message_id", "mail_from", "size"]
-    print_table("messages", columns, [[m[c] for c in columns] for m in messages])
+    print_rows("messages", columns, messages, json_output)
 
 
 @messages_app.command("show")
@@ -586,11 +586,8 @@ def failed_list(
     with runtime(ctx) as rt, rt.sessions() as session:
         found = repo.failed_with_head(session, wanted, limit, HEADER_BYTES)
         rows = [failed_view(message, head) for message, head in found]
-    if json_output:
-        print_json(rows)
-        return
     columns = ["id", "received_at", "from", "subject", "stage", "error", "attempts"]
-    print_table("failed messages", columns, [[r[c] for c in columns] for r in rows])
+    print_rows("failed messages", columns, rows, json_output)
 
 
 @failed_app.command("show")
@@ -919,15 +916,17 @@ def rules_diff(
     if json_output:
         print_json({"replayed": replayed, "changed": rows})
         return
-    columns = ["inbound_id", "ticket", "subject", "changes"]
-    table = [
-        [
-            *(r[c] for c in columns[:3]),
-            "; ".join(f"{k}: {v['current']} → {v['new']}" for k, v in r["changes"].items()),
-        ]
+    readable = [
+        r
+        | {
+            "changes": "; ".join(
+                f"{k}: {v['current']} → {v['new']}" for k, v in r["changes"].items()
+            )
+        }
         for r in rows
     ]
-    print_table(f"would change ({len(rows)} of {replayed} since {iso(start)})", columns, table)
+    title = f"would change ({len(rows)} of {replayed} since {iso(start)})"
+    print_rows(title, ["inbound_id", "ticket", "subject", "changes"], readable, json_output=False)
 
 
 @db_app.command("upgrade")

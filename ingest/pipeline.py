@@ -89,10 +89,13 @@ def examine(mail: IncomingMail, ctx: PipelineContext) -> None:
 
 
 def load(ctx: PipelineContext, inbound_id: int) -> IncomingMail | None:
-    """The ledger row as an IncomingMail, or None if it needs no processing."""
+    """The ledger row as an IncomingMail, or None if it needs no processing or has no bytes to
+    process (never fetched: the message is still in its mailbox, and the reason stays)."""
     with ctx.sessions() as session:
         row = session.get(InboundMessage, inbound_id)
         if row is None or row.status not in repo.PROCESSABLE:
+            return None
+        if row.fail_stage == repo.UNFETCHED_STAGE:
             return None
         return incoming_mail(row)
 

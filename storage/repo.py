@@ -26,6 +26,7 @@ from storage.models import (
 )
 
 PROCESSABLE = (MessageStatus.RECEIVED, MessageStatus.FAILED)
+UNFETCHED_STAGE = "fetch"  # failed before we had the bytes (IMAP: too large, refused by server)
 DONE_WITH_RECORD = (MessageStatus.TICKET, MessageStatus.COMMENT)
 
 
@@ -356,7 +357,7 @@ def add_unfetched(
         dedupe_key=dedupe_key,
         envelope=envelope,
         status=MessageStatus.FAILED,
-        fail_stage="fetch",
+        fail_stage=UNFETCHED_STAGE,
         error=error,
         processed_at=utcnow(),
     )

@@ -28,7 +28,7 @@ from storage import repo
 from storage.models import InboundMessage, Ticket
 from tests.dovecot import Dovecot, unavailable_reason
 from tests.mails import simple_mail
-from tests.test_smtp import ServiceThread
+from tests.servers import ServiceThread, wait_for
 
 USER = "inquiry@wine-importer.example.jp"
 PASSWORD = "s3cret-Pa55"  # a test password, never to be seen in logs
@@ -147,14 +147,6 @@ def ticketed_message_ids(sessions: sessionmaker[Session]) -> list[str]:
         return list(session.scalars(query))
 
 
-def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds} s: {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def running() -> Iterator[Callable[[FolderFetcher], None]]:
     """Run fetchers in threads; stop and join them at the end of the test."""
@@ -235,12 +227,12 @@ def test_message_appended_while_idling_becomes_a_ticket_within_5_seconds(
 ):
     mailbox.fill(mails(1, "first"))
     running(fetcher(imap_settings(db_url, dovecot), sessions, pipeline))
-    wait_for(lambda: ticket_count(sessions) == 1, 10, "the waiting message became a ticket")
-    wait_for(lambda: mailbox.unseen() == [], 5, "the first message was marked seen")
+    wait_for(lambda: ticket_count(sessions) == 1, "the waiting message became a ticket", 10)
+    wait_for(lambda: mailbox.unseen() == [], "the first message was marked seen", 5)
 
     for round_ in (2, 3):
         mailbox.fill(mails(1, f"round {round_}"))
-        wait_for(lambda n=round_: ticket_count(sessions) == n, 5, "the appended message")
+        wait_for(lambda n=round_: ticket_count(sessions) == n, "the appended message", 5)
 
 
 def test_message_announced_in_a_command_response_is_not_left_for_the_idle_renewal(
@@ -257,14 +249,14 @@ def test_message_announced_in_a_command_response_is_not_left_for_the_idle_renewa
 
     settings = imap_settings(db_url, dovecot, imap={"idle_renew_seconds": 300})
     running(fetcher(settings, sessions, pipeline, on_received))
-    wait_for(lambda: ticket_count(sessions) == 2, 5, "the message that arrived during a fetch")
+    wait_for(lambda: ticket_count(sessions) == 2, "the message that arrived during a fetch", 5)
 
 
 def test_without_idle_the_fetcher_polls(db_url, dovecot, mailbox, sessions, pipeline, running):
     settings = imap_settings(db_url, dovecot, imap={"idle": False})
     running(fetcher(settings, sessions, pipeline))
     mailbox.fill(mails(3))
-    wait_for(lambda: ticket_count(sessions) == 3, 5, "three polled messages became tickets")
+    wait_for(lambda: ticket_count(sessions) == 3, "three polled messages became tickets", 5)
 
 
 @pytest.mark.slow
@@ -284,8 +276,8 @@ def test_dovecot_stopped_mid_fetch_and_restarted_every_message_once(
 
     settings = imap_settings(db_url, dovecot, imap={"batch_size": 10})
     running(fetcher(settings, sessions, pipeline, on_received))
-    wait_for(lambda: ticket_count(sessions) == 200, 60, "200 tickets after the restart")
-    wait_for(lambda: mailbox.unseen() == [], 10, "every message marked seen")
+    wait_for(lambda: ticket_count(sessions) == 200, "200 tickets after the restart", 60)
+    wait_for(lambda: mailbox.unseen() == [], "every message marked seen", 10)
 
     ticketed = ticketed_message_ids(sessions)
     assert sorted(ticketed) == sorted(set(ticketed))
@@ -418,7 +410,7 @@ def test_start_fetchers_runs_one_thread_per_account_folder(
     threads = start_fetchers(settings, sessions, processing(pipeline), stop)
     try:
         assert sorted(t.name for t in threads) == ["imap inquiry/Fax", "imap inquiry/INBOX"]
-        wait_for(lambda: ticket_count(sessions) == 5, 10, "both folders fetched")
+        wait_for(lambda: ticket_count(sessions) == 5, "both folders fetched", 10)
     finally:
         stop.set()
         for thread in threads:
@@ -434,7 +426,7 @@ def test_serve_runs_the_fetchers_and_its_worker_makes_the_tickets(
     service = ServiceThread(settings, sessions).start()
     try:
         mailbox.fill(mails(3))
-        wait_for(lambda: ticket_count(sessions) == 3, 10, "three tickets from the service")
+        wait_for(lambda: ticket_count(sessions) == 3, "three tickets from the service", 10)
     finally:
         service.stop()
     assert mailbox.unseen() == []

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ingest.intake import receive
 from ingest.mail import Envelope
 from ingest.pipeline import PipelineContext, process, process_pending
+from storage import repo
 from storage.models import AttachmentBlob, InboundMessage, MessageStatus, Ticket, TicketComment
 from tests.conftest import DATA
 from tests.mails import simple_mail
@@ -142,3 +143,21 @@ def test_attachment_content_is_stored_once_per_sha256(pipeline, sessions):
     with sessions() as session:
         rows = session.execute(text("SELECT filename, content_type, size FROM attachments")).all()
     assert [tuple(r) for r in rows] == [("見積書.pdf", "application/pdf", len(pdf))] * 2
+
+
+def test_a_message_never_fetched_is_not_processed_and_keeps_its_reason(pipeline, sessions):
+    with sessions.begin() as session:
+        inbound_id = repo.add_unfetched(
+            session,
+            source="imap",
+            size=90_000_000,
+            message_id="<huge@example.com>",
+            dedupe_key="mid:<huge@example.com>#x",
+            envelope={"account": "inquiry"},
+            error="message is 90000000 bytes, over the limit",
+        )
+    assert process(pipeline, inbound_id) is None
+    with sessions() as session:
+        row = session.get_one(InboundMessage, inbound_id)
+        assert (row.status, row.fail_stage, row.attempts) == ("failed", "fetch", 0)
+        assert row.error == "message is 90000000 bytes, over the limit"

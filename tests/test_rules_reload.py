@@ -21,7 +21,7 @@ from storage import db
 from storage.models import Ticket
 from tests.mails import simple_mail
 from tests.rulesets import write_rules
-from tests.test_serve import LISTENING, ServeProcess
+from tests.servers import LISTENING, ServeProcess
 
 GOOD = "rules:\n  - {name: to-sato, when: {always: true}, then: {assignee: sato}}\n"
 FIXED = "rules:\n  - {name: to-suzuki, when: {always: true}, then: {assignee: suzuki}}\n"

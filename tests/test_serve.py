@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import queue
 import re
 import signal
 import smtplib
 import socket
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,62 +15,7 @@ from sqlalchemy import select
 from storage import db
 from storage.models import InboundMessage, MessageStatus
 from tests.mails import simple_mail
-
-MAILINTAKE = Path(sys.executable).parent / "mailintake"
-LISTENING = re.compile(r"listening for SMTP on 127\.0\.0\.1:(\d+)")
-
-
-class ServeProcess:
-    """A `mailintake serve` child whose stderr is read line by line in a thread."""
-
-    def __init__(self, tmp_path: Path, port: int) -> None:
-        if not MAILINTAKE.exists():
-            pytest.skip(f"{MAILINTAKE} is absent: install the project (pip install -e .)")
-        self.db_url = f"sqlite:///{tmp_path / 'serve.db'}"
-        env = os.environ | {
-            "MAILINTAKE_DATABASE__URL": self.db_url,
-            "MAILINTAKE_SMTP__PORT": str(port),
-            "MAILINTAKE_SMTP__SHUTDOWN_GRACE_SECONDS": "5",
-        }
-        env.pop("MAILINTAKE_CONFIG", None)
-        self.proc = subprocess.Popen(
-            [str(MAILINTAKE), "serve"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line)
-
-    def wait_for_line(self, pattern: re.Pattern[str], timeout: float = 30) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    break
-                continue
-            self.seen.append(line)
-            found = pattern.search(line)
-            if found:
-                return found
-        raise AssertionError(f"no line matching {pattern.pattern!r} in:\n{''.join(self.seen)}")
-
-    def finish(self, timeout: float = 30) -> int:
-        code = self.proc.wait(timeout)
-        self.reader.join(timeout)  # until end of output
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        return code
-
-    @property
-    def output(self) -> str:
-        return "".join(self.seen)
+from tests.servers import LISTENING, ServeProcess
 
 
 @pytest.fixture

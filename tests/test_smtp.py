@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import smtplib
 import ssl
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from email.utils import make_msgid
 from pathlib import Path
@@ -20,57 +18,15 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import ConfigError, Settings, load_settings
-from ingest.pipeline import PipelineContext
-from ingest.service import ListenerError, Service
+from ingest.service import ListenerError
 from storage.models import Attachment, InboundMessage, MessageStatus, Ticket
 from tests.conftest import DATA
 from tests.mails import simple_mail
+from tests.servers import ServiceThread, wait_for
 
 SENDER = "call-center@denwa-daiko.example.com"
 INQUIRY = "inquiry@wine-importer.example.jp"
 FAX = "fax@wine-importer.example.jp"
-
-
-class ServiceThread:
-    """`Service.run` on its own event loop in a thread, as `mailintake serve` runs it."""
-
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
-        self.service = Service(settings, PipelineContext.with_default_routing(settings, sessions))
-        self.error: BaseException | None = None
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="test-serve")
-
-    def start(self) -> ServiceThread:
-        self._thread.start()
-        assert self._ready.wait(30), "the service did not start within 30 s"
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._run())
-        except BaseException as exc:
-            self.error = exc
-            self._ready.set()
-
-    async def _run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        await self.service.run(self._stop, on_ready=self._ready.set)
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
-        assert not self._thread.is_alive(), "the service did not stop within 60 s"
-        if self.error is not None:
-            raise self.error
-
-    def port(self, name: str = "smtp") -> int:
-        return self.service.address(name)[1]
 
 
 def listener_settings(db_url: str, **smtp: Any) -> dict[str, Any]:
@@ -124,13 +80,6 @@ def crlf(raw: bytes) -> bytes:
     """`raw` with the CRLF line ends SMTP carries."""
     crlf = re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
     return crlf if crlf.endswith(b"\r\n") else crlf + b"\r\n"
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def ledger(sessions: sessionmaker[Session]) -> list[InboundMessage]:

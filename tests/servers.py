@@ -1,0 +1,127 @@
+"""Running the service in tests: in a thread (`ServiceThread`) or as a real process
+(`ServeProcess`), and waiting for an outcome with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from config import Settings
+from ingest.pipeline import PipelineContext
+from ingest.service import Service
+
+MAILINTAKE = Path(sys.executable).parent / "mailintake"
+LISTENING = re.compile(r"listening for SMTP on 127\.0\.0\.1:(\d+)")
+
+
+class ServeProcess:
+    """A `mailintake serve` child whose stderr is read line by line in a thread."""
+
+    def __init__(self, tmp_path: Path, port: int) -> None:
+        if not MAILINTAKE.exists():
+            pytest.skip(f"{MAILINTAKE} is absent: install the project (pip install -e .)")
+        self.db_url = f"sqlite:///{tmp_path / 'serve.db'}"
+        env = os.environ | {
+            "MAILINTAKE_DATABASE__URL": self.db_url,
+            "MAILINTAKE_SMTP__PORT": str(port),
+            "MAILINTAKE_SMTP__SHUTDOWN_GRACE_SECONDS": "5",
+        }
+        env.pop("MAILINTAKE_CONFIG", None)
+        self.proc = subprocess.Popen(
+            [str(MAILINTAKE), "serve"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def wait_for_line(self, pattern: re.Pattern[str], timeout: float = 30) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    break
+                continue
+            self.seen.append(line)
+            found = pattern.search(line)
+            if found:
+                return found
+        raise AssertionError(f"no line matching {pattern.pattern!r} in:\n{''.join(self.seen)}")
+
+    def finish(self, timeout: float = 30) -> int:
+        code = self.proc.wait(timeout)
+        self.reader.join(timeout)  # until end of output
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.seen)
+
+
+class ServiceThread:
+    """`Service.run` on its own event loop in a thread, as `mailintake serve` runs it."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.service = Service(settings, PipelineContext.with_default_routing(settings, sessions))
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="test-serve")
+
+    def start(self) -> ServiceThread:
+        self._thread.start()
+        assert self._ready.wait(30), "the service did not start within 30 s"
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:
+            self.error = exc
+            self._ready.set()
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        await self.service.run(self._stop, on_ready=self._ready.set)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "the service did not stop within 60 s"
+        if self.error is not None:
+            raise self.error
+
+    def port(self, name: str = "smtp") -> int:
+        return self.service.address(name)[1]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
