@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -243,6 +243,12 @@ def print_json(data: Any) -> None:
     out.print_json(json.dumps(data, ensure_ascii=False))
 
 
+def print_fields(view: dict[str, Any], names: Iterable[str]) -> None:
+    """`name: value` lines for a human; values are printed literally, never as markup."""
+    for name in names:
+        out.print(f"[bold]{name}[/bold]: {escape(str(view[name]))}", highlight=False)
+
+
 def print_rows(
     title: str, columns: list[str], rows: list[dict[str, Any]], json_output: bool
 ) -> None:
@@ -420,8 +426,9 @@ def parse_file(
     if json_output:
         print_json(view)
         return
-    for name in ("message_id", "subject", "from", "date", "source_kind", "auto_reply", "fields"):
-        out.print(f"[bold]{name}[/bold]: {escape(str(view[name]))}", highlight=False)
+    print_fields(
+        view, ("message_id", "subject", "from", "date", "source_kind", "auto_reply", "fields")
+    )
     for attachment in view["attachments"]:
         out.print(f"attachment: {attachment}", highlight=False, markup=False)
     for defect in view["defects"]:
@@ -472,9 +479,7 @@ def tickets_show(
     if json_output:
         print_json(view)
         return
-    for name, value in view.items():
-        if name not in ("body", "comments", "attachments"):
-            out.print(f"[bold]{name}[/bold]: {value}", highlight=False)
+    print_fields(view, (n for n in view if n not in ("body", "comments", "attachments")))
     out.print(f"\n{view['body']}\n", highlight=False, markup=False)
     for attachment in view["attachments"]:
         out.print(f"attachment: {attachment['filename']} ({attachment['size']} bytes)")
@@ -515,9 +520,7 @@ def messages_show(
     if json_output:
         print_json(view)
         return
-    for name, value in view.items():
-        if name != "history":
-            out.print(f"[bold]{name}[/bold]: {value}", highlight=False)
+    print_fields(view, (n for n in view if n != "history"))
     print_history(view["history"])
 
 
@@ -607,9 +610,7 @@ def failed_show(
     if json_output:
         print_json(view)
         return
-    for name, value in view.items():
-        if name not in ("error", "headers", "history"):
-            out.print(f"[bold]{name}[/bold]: {value}", highlight=False)
+    print_fields(view, (n for n in view if n not in ("error", "headers", "history")))
     out.print("[bold]headers[/bold]:")
     for name, value in view["headers"]:
         out.print(f"  {name}: {value}", highlight=False, markup=False)

@@ -143,3 +143,10 @@ def scalar_or_zero(db_url: str, sql: str) -> int:
         return scalar(db_url, sql)
     except Exception:
         return 0  # the child may not have created the schema yet
+
+
+def test_human_output_prints_brackets_literally(cli):
+    cli("ingest", "-", input=simple_mail(subject="[要確認] 在庫 [bold]red[/bold]"))
+    shown = cli("tickets", "show", "INQ-1")
+    assert shown.exit_code == 0, shown.output
+    assert "subject: [要確認] 在庫 [bold]red[/bold]" in shown.stdout
