@@ -48,7 +48,12 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DATABASE = 3
 
-app = typer.Typer(help="Turn incoming email into tickets.", no_args_is_help=True)
+app = typer.Typer(
+    help="Turn incoming email into tickets.",
+    epilog="Exit codes: 0 ok; 1 a message failed or a check failed; 2 bad usage or "
+    "configuration; 3 database unavailable or schema outdated. See docs/cli.md.",
+    no_args_is_help=True,
+)
 tickets_app = typer.Typer(help="Look at tickets.", no_args_is_help=True)
 messages_app = typer.Typer(help="Look at the ledger of received messages.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
