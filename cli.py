@@ -29,7 +29,7 @@ from config import ConfigError, Settings, load_settings
 from ingest.attempts import short_error
 from ingest.detect import detect
 from ingest.extract import extract, load_templates
-from ingest.files import MessageSource
+from ingest.files import STDIN, MessageSource
 from ingest.imap import Hooks, folder_fetchers
 from ingest.intake import receive
 from ingest.mail import Envelope, IncomingMail
@@ -47,6 +47,7 @@ from storage.models import InboundMessage, MessageStatus, ProcessingAttempt, Tic
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DATABASE = 3
+EX_TEMPFAIL = 75  # sysexits.h; `ingest -` from an MTA pipe: the MTA queues and retries
 
 app = typer.Typer(
     help="Turn incoming email into tickets.",
@@ -81,12 +82,20 @@ class Runtime:
     _rules: RulesHolder | None = field(default=None, init=False, repr=False)
 
     def pipeline(self) -> PipelineContext:
-        """The pipeline, routed by the rules file when `rules.path` is configured."""
+        """The pipeline, routed by the rules file when `rules.path` is configured. The template
+        and rules files are read now, so a bad one stops the command (exit 2) before any mail
+        is taken in, rather than failing every message."""
         holder = self.rules_holder()
         if holder is None:
-            return PipelineContext.with_default_routing(self.settings, self.sessions)
-        router = RulesRouter(holder.current, self.settings.tickets)
-        return PipelineContext(self.settings, self.sessions, router)
+            ctx = PipelineContext.with_default_routing(self.settings, self.sessions)
+        else:
+            router = RulesRouter(holder.current, self.settings.tickets)
+            ctx = PipelineContext(self.settings, self.sessions, router)
+        try:
+            ctx.source_templates()
+        except ConfigError as exc:
+            raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
+        return ctx
 
     def rules_holder(self) -> RulesHolder | None:
         """The configured rules, loaded once per command; a bad file is a usage error."""
@@ -281,11 +290,32 @@ def ingest(
     ] = "*",
     json_output: JsonOption = False,
 ) -> None:
-    """Store and process messages from files. Exits 1 if any message failed."""
+    """Store and process messages from files. Exits 1 if any message failed.
+
+    With `-` alone (an MTA's pipe transport) the exit code follows sysexits: 0 once the message
+    is stored (a processing failure then waits in `failed list`), 75 (EX_TEMPFAIL, the MTA
+    queues and retries) if it could not be stored, never a code that makes the MTA bounce it.
+    """
+    from_mta = paths == [STDIN]
     try:
         sources = [MessageSource(p, glob) for p in paths]
+        fates = ingest_sources(ctx, sources)
     except (FileNotFoundError, OSError) as exc:
+        if from_mta:
+            raise fail(f"not stored, the sender should retry: {exc}", EX_TEMPFAIL) from exc
         raise fail(str(exc), EXIT_USAGE) from exc
+    except typer.Exit as exc:
+        if from_mta and exc.exit_code:
+            err.print("not stored, the sender should retry (exit 75)")
+            raise typer.Exit(EX_TEMPFAIL) from exc
+        raise
+    print_fates(fates, json_output)
+    if fates.get(MessageStatus.FAILED.value) and not from_mta:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def ingest_sources(ctx: typer.Context, sources: list[MessageSource]) -> Counter[str]:
+    """Receive and process every message of `sources`, after any left over by a crash."""
     fates: Counter[str] = Counter()
     with runtime(ctx) as rt:
         pipeline = rt.pipeline()
@@ -300,9 +330,7 @@ def ingest(
                     inbound_id = receive(rt.sessions, item.raw, envelope)
                     fates[process(pipeline, inbound_id) or "skipped"] += 1
                     bar.advance(task)
-    print_fates(fates, json_output)
-    if fates.get(MessageStatus.FAILED.value):
-        raise typer.Exit(EXIT_FAILED)
+    return fates
 
 
 def print_fates(fates: Counter[str], json_output: bool, **extra: Any) -> None:
@@ -534,7 +562,11 @@ SinceOption = Annotated[
     typer.Option(help="Received within 2d, 12h, 30m, 1w, or since an ISO date (2026-11-20)."),
 ]
 StageOption = Annotated[
-    str | None, typer.Option(help="Failed at this stage: parse, claim, route or store.")
+    str | None,
+    typer.Option(
+        help="Failed at this stage: parse, detect, extract, claim, route, store, interrupted "
+        "or fetch."
+    ),
 ]
 ErrorOption = Annotated[
     str | None, typer.Option(help="The error text contains this (case-insensitive).")

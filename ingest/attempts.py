@@ -86,11 +86,18 @@ def retry_at(
     return failed_at + timedelta(seconds=delay)
 
 
+SQLALCHEMY_FOOTER = "(Background on this error at:"  # SQLAlchemy's last line: a link, no news
+
+
 def short_error(error: str | None) -> str | None:
     """The last line of a traceback: the exception type and message."""
     if not error:
         return error
-    lines = [line for line in error.strip().splitlines() if line.strip()]
+    lines = [
+        line
+        for line in error.strip().splitlines()
+        if line.strip() and not line.startswith(SQLALCHEMY_FOOTER)
+    ]
     return lines[-1].strip() if lines else None
 
 

@@ -10,6 +10,8 @@ when UIDVALIDITY changes and the folder is rescanned from the start.
 Between fetches a fetcher waits in IDLE (renewed before servers drop it) or polls. Any failure
 closes the connection; the fetcher reconnects after an exponential backoff with jitter, logging
 one line per attempt, and reports itself stalled when it has not synced for a configured time.
+A message that makes the server end the connection whenever it is fetched is recorded as failed
+and left in the mailbox, so that it does not block the folder (see `_note_dropped`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = "imap"
 STOP_CHECK_SECONDS = 0.5  # how soon a waiting fetcher notices that it should stop
+# A message that ended the connection this many times when fetched alone is given up on.
+DROPS_BEFORE_GIVING_UP = 2
 TOKEN_COMMAND_TIMEOUT_SECONDS = 30
 HEADER_ITEM = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
 HEADER_KEY = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
@@ -53,11 +57,17 @@ BYE_RE = re.compile(rb"^\* BYE\b", re.IGNORECASE)
 
 
 class CredentialError(Exception):
-    """A password or token that cannot be had; the message names its source, never the secret."""
+    """A password, token or CA file that cannot be had; the message names its source, never
+    the secret."""
 
 
 class ConnectionLost(Exception):
-    """The server ended the connection (BYE, or end of stream) while we were idling."""
+    """The server ended the connection (BYE, or end of stream) while we waited or fetched."""
+
+
+class DroppedInFetch(ConnectionLost):
+    """The connection ended during a FETCH: maybe the network, maybe a message the server cannot
+    deliver (Dovecot answers one whose file it cannot read with `BYE FETCH failed`)."""
 
 
 # Failures of the network, the server, the credentials or the database: logged in one line.
@@ -140,13 +150,21 @@ def _run_token_command(name: str, command: str) -> str:
     return result.stdout.strip()
 
 
+def tls_context(account: ImapAccount) -> ssl.SSLContext | None:
+    """Certificate and host name checked against `ca_file`, or the system CAs; None without TLS."""
+    if account.security == "none":
+        return None
+    try:
+        return ssl.create_default_context(cafile=account.ca_file)
+    except OSError as exc:  # missing or unreadable file, or no PEM certificate in it (SSLError)
+        raise CredentialError(
+            f"account {account.name}: cannot load ca_file {account.ca_file}: {exc.strerror or exc}"
+        ) from exc
+
+
 def connect(account: ImapAccount, timeout: float) -> IMAPClient:
     """A logged-in connection, over TLS, STARTTLS or plain text as configured."""
-    context = None
-    if account.security != "none":
-        context = ssl.create_default_context(
-            cafile=str(account.ca_file) if account.ca_file else None
-        )
+    context = tls_context(account)
     client = IMAPClient(
         account.host,
         account.server_port,
@@ -178,6 +196,10 @@ def _logout(client: IMAPClient) -> None:
         client.logout()
     except (IMAPClientError, OSError):
         _drop(client)
+
+
+def _uid_range(uids: list[int]) -> str:
+    return str(uids[0]) if len(uids) == 1 else f"{uids[0]}-{uids[-1]}"
 
 
 def _server_text(exc: BaseException) -> str:
@@ -276,15 +298,31 @@ class FolderFetcher:
         self._last_success = time.monotonic()
         self._stalled = False
         self._stop = threading.Event()  # run()'s event: a long fetch stops between batches
+        # UIDs in a FETCH that ended the connection: the server's words each time one was
+        # fetched alone (an empty list: it was in a batch). See _note_dropped().
+        self._dropped: dict[int, list[str]] = {}
+        self._announced = 0  # highest UID reported to hooks.found
+        self.found = 0  # new messages seen by this fetcher, each counted once
 
     @property
     def server(self) -> str:
         return f"{self.account.host}:{self.account.server_port}"
 
     def fetch_once(self) -> int:
-        """Fetch what is in the folder now; returns how many new messages there were."""
-        with self._connection() as client:
-            return self._sync(client)
+        """Fetch what is in the folder now; returns how many new messages there were.
+
+        A connection that ends during a FETCH is opened again at once (as `run()` does after
+        its backoff), so that a message the server cannot deliver ends up recorded as failed
+        instead of failing every run; each retry gets closer to that (see `_note_dropped`).
+        """
+        found_before = self.found
+        while True:
+            try:
+                with self._connection() as client:
+                    self._sync(client)
+                return self.found - found_before
+            except DroppedInFetch as exc:
+                log.warning("imap %s: %s; reconnecting", self.label, self.describe(exc))
 
     def run(self, stop: threading.Event) -> None:
         """Fetch, wait for news, fetch again, until `stop` is set; never raises."""
@@ -322,6 +360,9 @@ class FolderFetcher:
         uidvalidity = int(client.select_folder(self.folder)[b"UIDVALIDITY"])
         with self.sessions() as session:
             saved = repo.imap_checkpoint(session, self.account.name, self.folder)
+        if uidvalidity != self._uidvalidity:
+            self._dropped.clear()
+            self._announced = 0
         self._uidvalidity = uidvalidity
         self._last_uid = 0
         if saved is not None and saved[0] == uidvalidity:
@@ -348,7 +389,7 @@ class FolderFetcher:
 
     # fetching
 
-    def _sync(self, client: IMAPClient) -> int:
+    def _sync(self, client: IMAPClient) -> None:
         """Fetch new messages until the server has announced no more.
 
         The server may announce a message (EXISTS) in the response to any command, e.g. the
@@ -356,30 +397,72 @@ class FolderFetcher:
         them, so without this loop that message would wait for the next IDLE renewal.
         """
         announced = _imaplib(client).untagged_responses
-        total = 0
         while True:
             announced.clear()
-            total += self._fetch_new(client)
+            self._fetch_new(client)
             if "EXISTS" not in announced or self._stop.is_set():
-                return total
+                return
 
-    def _fetch_new(self, client: IMAPClient) -> int:
+    def _fetch_new(self, client: IMAPClient) -> None:
         found = client.search(["UID", f"{self._last_uid + 1}:*"])
         # `n:*` always matches the highest UID, even when it is below n.
         uids = sorted(uid for uid in found if uid > self._last_uid)
-        self.hooks.found(len(uids))
-        size = self.imap.batch_size
-        for start in range(0, len(uids), size):
+        new = sum(uid > self._announced for uid in uids)  # not again after a reconnect
+        self._announced = max([self._announced, *uids])
+        self.found += new
+        self.hooks.found(new)
+        for batch in self._batches(uids):
             if self._stop.is_set():
                 break
-            self._fetch_batch(client, uids[start : start + size])
-        return len(uids)
+            self._fetch_batch(client, batch)
+
+    def _batches(self, uids: list[int]) -> Iterator[list[int]]:
+        """`imap.batch_size` UIDs at a time, but a UID that was in a dropped FETCH alone."""
+        batch: list[int] = []
+        for uid in uids:
+            if uid in self._dropped:
+                if batch:
+                    yield batch
+                    batch = []
+                yield [uid]
+                continue
+            batch.append(uid)
+            if len(batch) == self.imap.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def _fetch_batch(self, client: IMAPClient, uids: list[int]) -> None:
-        meta = client.fetch(uids, ["RFC822.SIZE", HEADER_ITEM])
-        limit = self.settings.intake.max_message_bytes
-        wanted = [uid for uid in uids if uid in meta and meta[uid][b"RFC822.SIZE"] <= limit]
-        bodies = self._bodies(client, wanted)
+        committed = self._commit_batch(client, uids)
+        self._acknowledge(client, committed)
+        with self.sessions.begin() as session:
+            repo.save_imap_checkpoint(
+                session, self.account.name, self.folder, self._uidvalidity, uids[-1]
+            )
+        self._last_uid = uids[-1]
+        for uid in uids:
+            self._dropped.pop(uid, None)
+
+    def _commit_batch(self, client: IMAPClient, uids: list[int]) -> list[int]:
+        """Fetch a batch and commit each message to the ledger, or record why not; returns the
+        UIDs committed."""
+        drops = self._dropped.get(uids[0], []) if len(uids) == 1 else []
+        if len(drops) >= DROPS_BEFORE_GIVING_UP:
+            reason = (
+                f"{self.server} closed the connection each of the {len(drops)} times this "
+                f"message was fetched (last: {drops[-1]})"
+            )
+            self._record_unfetched(uids[0], {}, reason)
+            return []
+        try:
+            meta = client.fetch(uids, ["RFC822.SIZE", HEADER_ITEM])
+            limit = self.settings.intake.max_message_bytes
+            wanted = [uid for uid in uids if uid in meta and meta[uid][b"RFC822.SIZE"] <= limit]
+            bodies = self._bodies(client, wanted)
+        except (IMAPClientAbortError, OSError) as exc:
+            self._note_dropped(uids, exc)
+            raise DroppedInFetch(f"FETCH of uid {_uid_range(uids)}: {_server_text(exc)}") from exc
         committed = []
         for uid in uids:
             if uid not in meta:
@@ -394,12 +477,17 @@ class FolderFetcher:
             else:
                 reason = bodies.get(uid) or "the server returned no content"
                 self._record_unfetched(uid, meta[uid], reason)
-        self._acknowledge(client, committed)
-        with self.sessions.begin() as session:
-            repo.save_imap_checkpoint(
-                session, self.account.name, self.folder, self._uidvalidity, uids[-1]
-            )
-        self._last_uid = uids[-1]
+        return committed
+
+    def _note_dropped(self, uids: list[int], exc: BaseException) -> None:
+        """Remember a FETCH that ended the connection. After reconnecting, its messages are
+        fetched one by one; one that ends the connection again each time it is fetched alone
+        is recorded failed (and left in the mailbox) instead of blocking the folder forever.
+        A network failure does not pick one message out like that."""
+        if len(uids) == 1:
+            self._dropped.setdefault(uids[0], []).append(_server_text(exc) or type(exc).__name__)
+        for uid in uids:
+            self._dropped.setdefault(uid, [])
 
     def _bodies(self, client: IMAPClient, uids: list[int]) -> dict[int, bytes | str]:
         """Raw bytes per UID, or the reason the server would not give them. A refused batch is
@@ -411,6 +499,9 @@ class FolderFetcher:
         except IMAPClientAbortError:
             raise
         except IMAPClientError as exc:
+            # The answers that came before the refusal stay in imaplib and would be merged into
+            # the next FETCH's result, possibly as another message's (empty) content.
+            _imaplib(client).untagged_responses.pop("FETCH", None)
             if len(uids) == 1:
                 return {uids[0]: f"FETCH refused by {self.server}: {_server_text(exc)}"}
         bodies: dict[int, bytes | str] = {}
@@ -527,6 +618,12 @@ class FolderFetcher:
             return f"login as {self.account.username} at {self.server} failed: {_server_text(exc)}"
         if isinstance(exc, CredentialError):
             return str(exc)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            trusted = f"ca_file {self.account.ca_file}" if self.account.ca_file else "system CAs"
+            return (
+                f"TLS certificate of {self.server} not accepted ({exc.verify_message}; "
+                f"checked against the {trusted})"
+            )
         if isinstance(exc, ConnectionLost | IMAPClientAbortError | OSError):
             return f"connection to {self.server} failed: {_server_text(exc) or type(exc).__name__}"
         if isinstance(exc, IMAPClientError):

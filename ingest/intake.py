@@ -27,9 +27,12 @@ def identity_of(raw: bytes, sha256: str) -> tuple[str | None, str]:
     found = MESSAGE_ID_RE.search(str(headers.get("Message-ID") or ""))
     if not found:
         return None, f"sha256:{sha256}"
-    identity = "\n".join(" ".join(str(headers.get(h) or "").split()) for h in IDENTITY_HEADERS)
-    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return found.group(0), f"mid:{found.group(0)}#{digest}"
+    message_id = found.group(0)
+    identity = "\n".join(
+        [message_id, *(" ".join(str(headers.get(h) or "").split()) for h in IDENTITY_HEADERS)]
+    )
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
+    return message_id, f"mid:{digest}"
 
 
 def receive(sessions: sessionmaker[Session], raw: bytes, envelope: Envelope) -> int:

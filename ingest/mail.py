@@ -79,6 +79,7 @@ class IncomingMail:
     raw: bytes
     envelope: Envelope
     received_at: datetime
+    dedupe_key: str = ""  # see intake.identity_of; two deliveries with one key are one message
     parsed: ParsedMail | None = None
     source_kind: str = "email"  # phone, fax, webform or email, from the matching template
     fields: dict[str, Any] = field(default_factory=dict)  # extracted from the template

@@ -22,7 +22,7 @@ from ingest.detect import detect, find_follow_up
 from ingest.extract import Template, extract, load_templates
 from ingest.mail import Decision, Envelope, IncomingMail
 from ingest.parse import parse
-from ingest.store import store
+from ingest.store import store, store_if_duplicate
 from rules.defaults import default_decision
 from storage import repo
 from storage.models import InboundMessage, MessageStatus, utcnow
@@ -30,6 +30,12 @@ from storage.models import InboundMessage, MessageStatus, utcnow
 log = logging.getLogger(__name__)
 
 Router = Callable[[IncomingMail, Session], Decision]
+
+
+# A message still `received` after this many unfinished attempts is failed (stage
+# `interrupted`) instead of tried again: it may be what kills the process, and a service that
+# restarts would otherwise crash on it forever.
+INTERRUPTED_LIMIT = 3
 
 
 class MessageTooLarge(ValueError):
@@ -109,7 +115,7 @@ def incoming_mail(row: InboundMessage) -> IncomingMail:
         peer=row.peer,
         extra=dict(row.envelope),
     )
-    return IncomingMail(row.id, row.raw, envelope, row.received_at)
+    return IncomingMail(row.id, row.raw, envelope, row.received_at, dedupe_key=row.dedupe_key)
 
 
 def process(ctx: PipelineContext, inbound_id: int) -> MessageStatus | None:
@@ -117,6 +123,18 @@ def process(ctx: PipelineContext, inbound_id: int) -> MessageStatus | None:
     mail = load(ctx, inbound_id)
     if mail is None:
         return None
+    with ctx.sessions.begin() as session:
+        started = repo.begin_attempt(session, inbound_id)
+    if started is None:
+        return None  # processed meanwhile by another process
+    attempts, status = started
+    if status == MessageStatus.RECEIVED and attempts > INTERRUPTED_LIMIT:
+        error = (
+            f"processing was interrupted {attempts - 1} times without finishing "
+            "(the process crashed or was killed while on this message); replay it when fixed"
+        )
+        _record_failure(ctx, mail, "interrupted", RuntimeError(error))
+        return MessageStatus.FAILED
     try:
         examine(mail, ctx)
         try:
@@ -139,10 +157,13 @@ def _route_and_store(ctx: PipelineContext, mail: IncomingMail) -> MessageStatus 
         mail.stage = "claim"
         if not repo.claim(session, mail.inbound_id):
             return None
-        mail.stage = "route"
-        route_stage(mail, ctx, session)
-        mail.stage = "store"
-        fate = store(session, mail, ctx.settings.tickets.key_prefix)
+        if store_if_duplicate(session, mail):
+            fate = MessageStatus.DUPLICATE
+        else:
+            mail.stage = "route"
+            route_stage(mail, ctx, session)
+            mail.stage = "store"
+            fate = store(session, mail, ctx.settings.tickets.key_prefix)
         record_attempt(session, mail.inbound_id, fate)
         return fate
 

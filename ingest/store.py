@@ -8,54 +8,56 @@ from sqlalchemy.orm import Session
 
 from ingest.mail import IncomingMail, ParsedMail
 from storage import repo
-from storage.models import Attachment, InboundMessage, MessageStatus, Ticket, TicketComment
+from storage.models import Attachment, MessageStatus, Ticket, TicketComment
 
 REQUESTER_FIELDS = ("requester_name", "requester_email", "requester_phone", "requester_company")
 
 
+def store_if_duplicate(session: Session, mail: IncomingMail) -> bool:
+    """Record `mail` as a duplicate if an earlier delivery already made its ticket or comment.
+
+    Runs before routing, so a re-delivery costs no rule work and takes no round-robin turn.
+    """
+    earlier = repo.first_record_of(session, mail.dedupe_key, mail.inbound_id)
+    if earlier is None:
+        return False
+    repo.set_fate(
+        session,
+        mail.inbound_id,
+        MessageStatus.DUPLICATE,
+        ticket_id=earlier.ticket_id,
+        duplicate_of_id=earlier.id,
+        defects=mail.parsed.defects if mail.parsed else [],
+    )
+    return True
+
+
 def store(session: Session, mail: IncomingMail, key_prefix: str) -> MessageStatus:
-    """Write the outcome of `mail` in the caller's transaction and return the message's fate."""
+    """Write the outcome of a routed `mail` in the caller's transaction; return its fate."""
     parsed, decision = mail.parsed, mail.decision
     assert parsed is not None and decision is not None
-    row = session.get_one(InboundMessage, mail.inbound_id)
-    earlier = repo.first_record_of(session, row.dedupe_key, row.id)
-    if earlier is not None:
-        repo.set_fate(
-            session,
-            row,
-            MessageStatus.DUPLICATE,
-            ticket_id=earlier.ticket_id,
-            duplicate_of_id=earlier.id,
-            defects=parsed.defects,
-        )
-        return MessageStatus.DUPLICATE
     if decision.drop_reason:
         repo.set_fate(
             session,
-            row,
+            mail.inbound_id,
             MessageStatus.DROPPED,
             drop_reason=decision.drop_reason,
             defects=parsed.defects,
         )
         return MessageStatus.DROPPED
     if mail.follow_up_ticket_id is not None:
-        comment = _add_comment(session, mail, row, mail.follow_up_ticket_id)
-        _add_attachments(session, parsed, row.id, comment_id=comment.id)
-        repo.set_fate(
-            session,
-            row,
-            MessageStatus.COMMENT,
-            ticket_id=comment.ticket_id,
-            defects=parsed.defects,
-        )
-        return MessageStatus.COMMENT
-    ticket = _add_ticket(session, mail, row, key_prefix)
-    _add_attachments(session, parsed, row.id, ticket_id=ticket.id)
-    repo.set_fate(session, row, MessageStatus.TICKET, ticket_id=ticket.id, defects=parsed.defects)
-    return MessageStatus.TICKET
+        comment = _add_comment(session, mail, mail.follow_up_ticket_id)
+        _add_attachments(session, parsed, mail.inbound_id, comment_id=comment.id)
+        fate, ticket_id = MessageStatus.COMMENT, comment.ticket_id
+    else:
+        ticket = _add_ticket(session, mail, key_prefix)
+        _add_attachments(session, parsed, mail.inbound_id, ticket_id=ticket.id)
+        fate, ticket_id = MessageStatus.TICKET, ticket.id
+    repo.set_fate(session, mail.inbound_id, fate, ticket_id=ticket_id, defects=parsed.defects)
+    return fate
 
 
-def _add_ticket(session: Session, mail: IncomingMail, row: InboundMessage, prefix: str) -> Ticket:
+def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> Ticket:
     parsed, decision = mail.parsed, mail.decision
     assert parsed is not None and decision is not None
     fields = {**mail.fields, **decision.fields}
@@ -65,7 +67,7 @@ def _add_ticket(session: Session, mail: IncomingMail, row: InboundMessage, prefi
         requester["requester_name"] = requester["requester_name"] or parsed.from_name
         requester["requester_email"] = requester["requester_email"] or parsed.from_email
     ticket = Ticket(
-        key=f"new-{row.id}",
+        key=f"new-{mail.inbound_id}",
         source_kind=decision.source_kind,
         category=decision.category,
         subject=parsed.subject,
@@ -82,8 +84,8 @@ def _add_ticket(session: Session, mail: IncomingMail, row: InboundMessage, prefi
         fields=fields,
         rule_names=decision.rule_names,
         rules_version=decision.rules_version,
-        inbound_message_id=row.id,
-        origin_key=row.dedupe_key,
+        inbound_message_id=mail.inbound_id,
+        origin_key=mail.dedupe_key,
     )
     session.add(ticket)
     session.flush()
@@ -91,9 +93,7 @@ def _add_ticket(session: Session, mail: IncomingMail, row: InboundMessage, prefi
     return ticket
 
 
-def _add_comment(
-    session: Session, mail: IncomingMail, row: InboundMessage, ticket_id: int
-) -> TicketComment:
+def _add_comment(session: Session, mail: IncomingMail, ticket_id: int) -> TicketComment:
     parsed = mail.parsed
     assert parsed is not None
     comment = TicketComment(
@@ -102,8 +102,8 @@ def _add_comment(
         author_email=parsed.from_email,
         body=parsed.reply_text or parsed.text,
         body_full=parsed.text,
-        inbound_message_id=row.id,
-        origin_key=row.dedupe_key,
+        inbound_message_id=mail.inbound_id,
+        origin_key=mail.dedupe_key,
     )
     session.add(comment)
     session.flush()

@@ -27,6 +27,18 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class ClippedString(TypeDecorator[str]):
+    """A VARCHAR for text that comes from mail (names, addresses, Message-IDs): longer values are
+    cut to fit, since PostgreSQL would refuse them and a mail must never fail on a long name."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        length = self.impl_instance.length
+        return value[:length] if value is not None and length else value
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone: it is UTC there)."""
 
@@ -77,11 +89,11 @@ class InboundMessage(Base):
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    message_id: Mapped[str | None] = mapped_column(ClippedString(998), index=True)
     dedupe_key: Mapped[str] = mapped_column(String(998), index=True)
-    mail_from: Mapped[str | None] = mapped_column(String(998))
+    mail_from: Mapped[str | None] = mapped_column(ClippedString(998))
     rcpt_to: Mapped[list[str]] = mapped_column(default=list)
-    peer: Mapped[str | None] = mapped_column(String(255))
+    peer: Mapped[str | None] = mapped_column(ClippedString(255))
     envelope: Mapped[dict[str, Any]] = mapped_column(default=dict)
     status: Mapped[str] = mapped_column(String(16), default=MessageStatus.RECEIVED)
     fail_stage: Mapped[str | None] = mapped_column(String(32))
@@ -110,10 +122,10 @@ class Ticket(Base):
     subject: Mapped[str] = mapped_column(Text, default="")
     body: Mapped[str] = mapped_column(Text, default="")
     body_html: Mapped[str | None] = mapped_column(Text)
-    requester_name: Mapped[str | None] = mapped_column(String(255))
-    requester_email: Mapped[str | None] = mapped_column(String(320), index=True)
-    requester_phone: Mapped[str | None] = mapped_column(String(64))
-    requester_company: Mapped[str | None] = mapped_column(String(255))
+    requester_name: Mapped[str | None] = mapped_column(ClippedString(255))
+    requester_email: Mapped[str | None] = mapped_column(ClippedString(320), index=True)
+    requester_phone: Mapped[str | None] = mapped_column(ClippedString(64))
+    requester_company: Mapped[str | None] = mapped_column(ClippedString(255))
     assignee: Mapped[str | None] = mapped_column(String(64), index=True)
     priority: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="open", index=True)
@@ -139,8 +151,8 @@ class TicketComment(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    author_name: Mapped[str | None] = mapped_column(String(255))
-    author_email: Mapped[str | None] = mapped_column(String(320))
+    author_name: Mapped[str | None] = mapped_column(ClippedString(255))
+    author_email: Mapped[str | None] = mapped_column(ClippedString(320))
     body: Mapped[str] = mapped_column(Text, default="")
     body_full: Mapped[str] = mapped_column(Text, default="")
     inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_messages.id"), unique=True)
@@ -166,10 +178,10 @@ class Attachment(Base):
     inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_messages.id"), index=True)
     ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
     comment_id: Mapped[int | None] = mapped_column(ForeignKey("ticket_comments.id"), index=True)
-    filename: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str] = mapped_column(ClippedString(255))
     original_filename: Mapped[str | None] = mapped_column(Text)
-    content_type: Mapped[str] = mapped_column(String(255))
-    content_id: Mapped[str | None] = mapped_column(String(998))
+    content_type: Mapped[str] = mapped_column(ClippedString(255))
+    content_id: Mapped[str | None] = mapped_column(ClippedString(998))
     inline: Mapped[bool] = mapped_column(default=False)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(ForeignKey("attachment_blobs.sha256"), index=True)

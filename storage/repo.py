@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
@@ -30,16 +30,34 @@ UNFETCHED_STAGE = "fetch"  # failed before we had the bytes (IMAP: too large, re
 DONE_WITH_RECORD = (MessageStatus.TICKET, MessageStatus.COMMENT)
 
 
-def claim(session: Session, inbound_id: int) -> bool:
-    """Take a message for processing inside the caller's transaction.
+def begin_attempt(session: Session, inbound_id: int) -> tuple[int, str] | None:
+    """Count a processing attempt before the work starts; the caller commits it at once.
 
-    The UPDATE locks the row (PostgreSQL) or the database (SQLite) until commit, so of two
-    processes claiming one message the second waits, then finds it no longer processable.
+    A process that dies mid-way (killed, out of memory) rolls back its work but leaves this
+    count, so a message that keeps killing its processor can be recognised. Returns the
+    attempts so far and the status, or None if the message is not processable.
     """
     result = session.execute(
         update(InboundMessage)
         .where(InboundMessage.id == inbound_id, InboundMessage.status.in_(PROCESSABLE))
         .values(attempts=InboundMessage.attempts + 1)
+        .returning(InboundMessage.attempts, InboundMessage.status)
+    )
+    row = result.one_or_none()
+    return (row.attempts, row.status) if row else None
+
+
+def claim(session: Session, inbound_id: int) -> bool:
+    """Take a message for processing inside the caller's transaction.
+
+    The UPDATE (which changes nothing) locks the row (PostgreSQL) or the database (SQLite) until
+    commit, so of two processes claiming one message the second waits, then finds it no longer
+    processable.
+    """
+    result = session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id, InboundMessage.status.in_(PROCESSABLE))
+        .values(attempts=InboundMessage.attempts)
     )
     return result.rowcount == 1
 
@@ -56,7 +74,6 @@ def mark_failed(
             status=MessageStatus.FAILED,
             fail_stage=stage,
             error=error,
-            attempts=InboundMessage.attempts + 1,
             processed_at=failed_at,
             next_attempt_at=None,
         )
@@ -84,10 +101,11 @@ def pending_ids(session: Session, limit: int | None = None) -> Sequence[int]:
     return session.scalars(query).all()
 
 
-def first_record_of(session: Session, dedupe_key: str, before_id: int) -> InboundMessage | None:
-    """An earlier delivery of the same message that already made a ticket or comment."""
+def first_record_of(session: Session, dedupe_key: str, before_id: int) -> Row[Any] | None:
+    """The `id` and `ticket_id` of an earlier delivery of the same message that already made a
+    ticket or comment."""
     query = (
-        select(InboundMessage)
+        select(InboundMessage.id, InboundMessage.ticket_id)
         .where(
             InboundMessage.dedupe_key == dedupe_key,
             InboundMessage.id != before_id,
@@ -96,7 +114,7 @@ def first_record_of(session: Session, dedupe_key: str, before_id: int) -> Inboun
         .order_by(InboundMessage.id)
         .limit(1)
     )
-    return session.scalars(query).first()
+    return session.execute(query).first()
 
 
 def ticket_for_message_ids(session: Session, message_ids: Sequence[str]) -> int | None:
@@ -135,7 +153,7 @@ def save_blob(session: Session, sha256: str, content: bytes) -> None:
 
 def set_fate(
     session: Session,
-    message: InboundMessage,
+    inbound_id: int,
     status: MessageStatus,
     *,
     ticket_id: int | None = None,
@@ -143,15 +161,21 @@ def set_fate(
     drop_reason: str | None = None,
     defects: list[str] | None = None,
 ) -> None:
-    message.status = status
-    message.ticket_id = ticket_id
-    message.duplicate_of_id = duplicate_of_id
-    message.drop_reason = drop_reason
-    message.defects = defects or []
-    message.fail_stage = None
-    message.error = None
-    message.next_attempt_at = None
-    message.processed_at = utcnow()
+    session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id)
+        .values(
+            status=status,
+            ticket_id=ticket_id,
+            duplicate_of_id=duplicate_of_id,
+            drop_reason=drop_reason,
+            defects=defects or [],
+            fail_stage=None,
+            error=None,
+            next_attempt_at=None,
+            processed_at=utcnow(),
+        )
+    )
 
 
 def list_tickets(session: Session, limit: int = 50, status: str | None = None) -> Sequence[Ticket]:

@@ -1,5 +1,6 @@
 """A private Dovecot IMAP server for tests: 127.0.0.1, a free port, everything in a temp dir.
 
+Given a certificate, it also serves TLS on a second port and offers STARTTLS on the first.
 Users live in a passwd-file (Dovecot re-reads it when it changes, so tests add users while the
 server runs) and mail in Maildirs under the same temp dir. Started as root (the usual CI
 container), Dovecot runs its processes as the `dovecot`/`dovenull` users the package created and
@@ -29,7 +30,7 @@ instance_name = mailintake-test-{port}
 log_path = {root}/dovecot.log
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login xoauth2
 auth_failure_delay = 0
@@ -63,7 +64,9 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {tls_port}
+    ssl = yes
   }}
 }}
 service anvil {{
@@ -73,6 +76,12 @@ service anvil {{
     mode = 0
   }}
 }}
+"""
+
+SSL_ON = """\
+ssl = yes
+ssl_cert = <{root}/tls-cert.pem
+ssl_key = <{root}/tls-key.pem
 """
 
 
@@ -111,11 +120,18 @@ def free_port() -> int:
 
 
 class Dovecot:
-    """One Dovecot instance; `start()`/`stop()` may be called repeatedly (same port, same mail)."""
+    """One Dovecot instance; `start()`/`stop()` may be called repeatedly (same port, same mail).
 
-    def __init__(self) -> None:
+    `tls` is (certificate chain, private key), both PEM: then `tls_port` serves implicit TLS
+    and `port` offers STARTTLS (plain-text login stays allowed there, for test helpers).
+    """
+
+    def __init__(self, tls: tuple[bytes, bytes] | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="mailintake-dovecot-"))
         self.port = free_port()
+        self.tls_port = 0
+        while tls and self.tls_port in (0, self.port):
+            self.tls_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         if os.geteuid() == 0:
             mail_user = pwd.getpwnam("dovecot")
@@ -129,11 +145,16 @@ class Dovecot:
         (self.root / "mail").mkdir()
         os.chown(self.root / "mail", self.uid, self.gid)
         (self.root / "users").write_text("")
+        if tls:
+            (self.root / "tls-cert.pem").write_bytes(tls[0])
+            (self.root / "tls-key.pem").write_bytes(tls[1])
         self.config = self.root / "dovecot.conf"
         self.config.write_text(
             CONFIG.format(
                 root=self.root,
                 port=self.port,
+                tls_port=self.tls_port,
+                ssl=SSL_ON.format(root=self.root) if tls else "ssl = no",
                 internal_user=internal_user,
                 login_user=login_user,
                 mail_uid=self.uid,
@@ -168,10 +189,14 @@ class Dovecot:
         except OSError:
             return False
 
+    def log(self) -> str:
+        """What Dovecot logged so far (logins, with `TLS` when the session is encrypted)."""
+        path = self.root / "dovecot.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def _failure(self) -> str:
         stderr = self.process.stderr.read().decode(errors="replace") if self.process else ""
-        log = self.root / "dovecot.log"
-        return (stderr + (log.read_text(errors="replace") if log.exists() else ""))[-2000:]
+        return (stderr + self.log())[-2000:]
 
     def stop(self) -> None:
         """Stop the server and every process of it, so clients see their connections drop (a

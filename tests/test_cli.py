@@ -85,10 +85,26 @@ def test_mbox_maildir_and_stdin(cli, tmp_path, db_url):
     assert scalar(db_url, "SELECT count(*) FROM inbound_messages WHERE source = 'stdin'") == 1
 
 
-def test_failed_message_makes_exit_code_1(cli):
-    result = cli("ingest", "-", "--json", input=b"\r\n")
+def test_failed_message_makes_exit_code_1(cli, tmp_path):
+    (tmp_path / "empty.eml").write_bytes(b"\r\n")
+    result = cli("ingest", str(tmp_path / "empty.eml"), "--json")
     assert result.exit_code == 1
     assert json.loads(result.stdout)["failed"] == 1
+
+
+def test_mta_pipe_exits_0_once_stored_even_if_processing_fails(cli, db_url):
+    result = cli("ingest", "-", "--json", input=b"\r\n")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["failed"] == 1
+    assert scalar(db_url, "SELECT count(*) FROM inbound_messages WHERE status = 'failed'") == 1
+
+
+def test_mta_pipe_exits_75_tempfail_when_it_cannot_store(monkeypatch):
+    monkeypatch.setenv("MAILINTAKE_DATABASE__URL", "postgresql+psycopg://nobody@127.0.0.1:1/x")
+    args = ["--config", str(ROOT / "config.yaml"), "ingest", "-"]
+    result = CliRunner().invoke(app, args, input=simple_mail())
+    assert result.exit_code == 75
+    assert "the sender should retry" in result.stderr
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):

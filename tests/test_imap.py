@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from imapclient import IMAPClient
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -22,7 +23,14 @@ from typer.testing import CliRunner
 
 from cli import app
 from config import ImapAccount, ImapSettings, Settings
-from ingest.imap import Backoff, FolderFetcher, Hooks, folder_fetchers, start_fetchers
+from ingest.imap import (
+    Backoff,
+    CredentialError,
+    FolderFetcher,
+    Hooks,
+    folder_fetchers,
+    start_fetchers,
+)
 from ingest.pipeline import PipelineContext, process
 from storage import repo
 from storage.models import InboundMessage, Ticket
@@ -40,16 +48,47 @@ FAST = {
 }
 
 
-@pytest.fixture
-def dovecot() -> Iterator[Dovecot]:
+@contextmanager
+def started_dovecot(tls: tuple[bytes, bytes] | None = None) -> Iterator[Dovecot]:
     reason = unavailable_reason()
     if reason:
         pytest.skip(f"Dovecot IMAP tests need Dovecot 2.3: {reason}")
-    server = Dovecot()
-    server.add_user(USER, PASSWORD)
-    server.start()
-    yield server
-    server.remove()
+    server = Dovecot(tls)
+    try:
+        server.add_user(USER, PASSWORD)
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def dovecot() -> Iterator[Dovecot]:
+    with started_dovecot() as server:
+        yield server
+
+
+@pytest.fixture
+def tls_ca() -> trustme.CA:
+    """A private CA made for the test, like a company CA or a self-signed server's own."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_dovecot(tls_ca: trustme.CA) -> Iterator[Dovecot]:
+    """Dovecot with a certificate for 127.0.0.1 from `tls_ca`: TLS on `tls_port`, STARTTLS on
+    `port`."""
+    cert = tls_ca.issue_cert("127.0.0.1")
+    chain = b"".join(pem.bytes() for pem in cert.cert_chain_pems)
+    with started_dovecot((chain, cert.private_key_pem.bytes())) as server:
+        yield server
+
+
+def tls_account(dovecot: Dovecot, security: str, ca: trustme.CA, path: Path) -> dict[str, Any]:
+    """Account keys to reach `dovecot` with `security`, trusting only `ca` (written to `path`)."""
+    ca.cert_pem.write_to_path(str(path))
+    port = dovecot.tls_port if security == "tls" else dovecot.port
+    return {"security": security, "port": port, "ca_file": str(path)}
 
 
 class Mailbox:
@@ -96,6 +135,11 @@ class Mailbox:
 @pytest.fixture
 def mailbox(dovecot: Dovecot) -> Mailbox:
     return Mailbox(dovecot)
+
+
+@pytest.fixture
+def tls_mailbox(tls_dovecot: Dovecot) -> Mailbox:
+    return Mailbox(tls_dovecot)
 
 
 def imap_settings(
@@ -350,6 +394,44 @@ def test_oversized_message_is_recorded_failed_and_the_rest_flows(
     assert mailbox.unseen() == [2]  # left for a human to see
 
 
+def make_unreadable(dovecot: Dovecot, subject: str) -> None:
+    """Take read permission from the Maildir file of the message with `subject` (Dovecot runs
+    as a user that root's permissions do not cover); Dovecot then drops the connection with
+    `BYE FETCH failed` when a FETCH needs that message, as it does on disk or cache damage."""
+    (path,) = (
+        f
+        for f in (dovecot.root / "mail" / USER).glob("*/*")
+        if f.is_file() and f.parent.name in ("new", "cur") and subject.encode() in f.read_bytes()
+    )
+    path.chmod(0)
+
+
+@pytest.mark.parametrize("mode", ["fetch_once", "run"])
+def test_message_the_server_cannot_deliver_is_recorded_failed_and_the_rest_flows(
+    mode, db_url, dovecot, mailbox, sessions, pipeline, running
+):
+    mailbox.fill(mails(3, "batch"))
+    make_unreadable(dovecot, "batch 1")
+    folder_fetcher = fetcher(imap_settings(db_url, dovecot), sessions, pipeline)
+
+    if mode == "fetch_once":
+        assert folder_fetcher.fetch_once() == 3
+    else:
+        running(folder_fetcher)
+        wait_for(lambda: sum(statuses(sessions).values()) == 3, "all three messages handled", 10)
+        mailbox.fill(mails(1, "after"))  # and the folder is not blocked afterwards
+        wait_for(lambda: ticket_count(sessions) == 3, "the message appended afterwards", 5)
+
+    assert statuses(sessions)["ticket"] == (2 if mode == "fetch_once" else 3)
+    with sessions() as session:
+        (failed,) = repo.list_messages(session, status="failed")
+        assert failed.fail_stage == "fetch"
+        assert f"127.0.0.1:{dovecot.port} closed the connection" in (failed.error or "")
+        assert "FETCH failed" in (failed.error or "")  # Dovecot's own words
+        assert failed.envelope["uid"] == 2
+    assert mailbox.unseen() == [2]  # left for a human to see
+
+
 @pytest.mark.parametrize("credential", ["password_env", "token_file", "token_command"])
 def test_password_from_env_and_xoauth2_tokens_from_file_or_command(
     credential, db_url, dovecot, mailbox, sessions, pipeline, tmp_path, monkeypatch
@@ -398,6 +480,69 @@ def test_wrong_password_logs_one_line_per_backoff_and_keeps_trying(
     assert len(stalled) == 1 and stalled[0].levelno == logging.ERROR
     assert not any("wrong-Pa55word" in r.getMessage() for r in caplog.records)
     assert ticket_count(sessions) == 0
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+def test_tls_and_starttls_verified_against_ca_file_fetch_and_idle(
+    security, db_url, tls_dovecot, tls_ca, tls_mailbox, sessions, pipeline, running, tmp_path
+):
+    tls_mailbox.fill(mails(1, "first"))
+    account = tls_account(tls_dovecot, security, tls_ca, tmp_path / "ca.pem")
+    running(fetcher(imap_settings(db_url, tls_dovecot, **account), sessions, pipeline))
+    wait_for(lambda: ticket_count(sessions) == 1, "the waiting message over TLS", 10)
+    # Then a message announced while idling: news must be noticed through the TLS layer too.
+    tls_mailbox.fill(mails(1, "while idling"))
+    wait_for(lambda: ticket_count(sessions) == 2, "the message appended while idling", 5)
+    wait_for(lambda: tls_mailbox.unseen() == [], "both messages marked seen", 5)
+
+    logins = [line for line in tls_dovecot.log().splitlines() if "Login: user=" in line]
+    # The test's mailbox helper logs in without TLS: these are the fetcher's logins.
+    assert any(", TLS," in line for line in logins)
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+def test_certificate_from_another_ca_is_logged_per_attempt_and_retried(
+    security, db_url, tls_dovecot, tls_mailbox, sessions, pipeline, running, tmp_path, caplog
+):
+    tls_mailbox.fill(mails(1))
+    ca_file = tmp_path / "other-ca.pem"
+    account = tls_account(tls_dovecot, security, trustme.CA(), ca_file)
+    settings = imap_settings(db_url, tls_dovecot, imap={"backoff_initial_seconds": 0.1}, **account)
+
+    def attempts() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "TLS certificate" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="ingest.imap"):
+        running(fetcher(settings, sessions, pipeline))
+        wait_for(lambda: len(attempts()) >= 2, "two failed attempts, with a backoff between", 5)
+
+    first = attempts()[0]
+    assert first.levelno == logging.WARNING and first.exc_info is None  # expected, no traceback
+    assert first.getMessage().startswith(
+        f"imap inquiry/INBOX: TLS certificate of 127.0.0.1:{account['port']} not accepted "
+        f"(unable to get local issuer certificate; checked against the ca_file {ca_file}); "
+        "reconnecting in "
+    )
+    assert ticket_count(sessions) == 0
+    assert tls_mailbox.unseen() == [1]
+
+
+def test_unreadable_ca_file_names_the_account_and_the_file(
+    db_url, tls_dovecot, sessions, pipeline, tmp_path
+):
+    missing = tmp_path / "missing-ca.pem"
+    not_pem = tmp_path / "not-a-ca.pem"
+    not_pem.write_text("not a certificate\n", encoding="utf-8")
+    for ca_file, reason in [(missing, "No such file or directory"), (not_pem, "no certificate")]:
+        settings = imap_settings(db_url, tls_dovecot, security="tls", ca_file=str(ca_file))
+        with pytest.raises(CredentialError) as caught:
+            fetcher(settings, sessions, pipeline).fetch_once()
+        message = str(caught.value)
+        assert message.startswith(f"account inquiry: cannot load ca_file {ca_file}: ")
+        assert reason in message
 
 
 def test_start_fetchers_runs_one_thread_per_account_folder(

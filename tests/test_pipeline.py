@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ingest.intake import receive
 from ingest.mail import Envelope
 from ingest.pipeline import PipelineContext, process, process_pending
+from rules.defaults import default_decision
 from storage import repo
 from storage.models import AttachmentBlob, InboundMessage, MessageStatus, Ticket, TicketComment
 from tests.conftest import DATA
@@ -161,3 +162,52 @@ def test_a_message_never_fetched_is_not_processed_and_keeps_its_reason(pipeline,
         row = session.get_one(InboundMessage, inbound_id)
         assert (row.status, row.fail_stage, row.attempts) == ("failed", "fetch", 0)
         assert row.error == "message is 90000000 bytes, over the limit"
+
+
+def test_a_message_that_keeps_killing_its_processor_is_failed_not_retried_forever(
+    pipeline, sessions
+):
+    inbound_id = receive(sessions, simple_mail(), FILE)
+    with sessions.begin() as session:  # three earlier attempts that never finished
+        session.get_one(InboundMessage, inbound_id).attempts = 3
+    assert process(pipeline, inbound_id) == MessageStatus.FAILED
+    with sessions() as session:
+        row = session.get_one(InboundMessage, inbound_id)
+        assert (row.fail_stage, row.attempts) == ("interrupted", 4)
+        assert "interrupted 3 times" in (row.error or "")
+    assert process(pipeline, inbound_id) == MessageStatus.TICKET  # a replay, once fixed
+
+
+def test_an_interrupted_attempt_is_simply_tried_again(pipeline, sessions):
+    inbound_id = receive(sessions, simple_mail(), FILE)
+    with sessions.begin() as session:
+        session.get_one(InboundMessage, inbound_id).attempts = 1
+    assert process(pipeline, inbound_id) == MessageStatus.TICKET
+
+
+def test_a_duplicate_is_recognised_before_routing(settings, sessions):
+    routed = []
+
+    def counting_router(mail, session):
+        routed.append(mail.inbound_id)
+        return default_decision(settings.tickets, mail)
+
+    counting = PipelineContext(settings, sessions, counting_router)
+    raw = simple_mail()
+    first, _ = ingest_one(counting, raw)
+    _, fate = ingest_one(counting, raw)
+    assert fate == MessageStatus.DUPLICATE
+    assert routed == [first]
+
+
+def test_overlong_message_id_and_names_are_stored_not_refused(pipeline, sessions):
+    long_id = "<" + "a" * 1200 + "@example.com>"
+    raw = simple_mail(message_id=long_id, sender=f'"{"名" * 400}" <long@example.com>')
+    inbound_id, fate = ingest_one(pipeline, raw)
+    assert fate == MessageStatus.TICKET
+    with sessions() as session:
+        row = session.get_one(InboundMessage, inbound_id)
+        assert row.message_id == long_id[:998]
+        ticket = session.scalars(select(Ticket)).one()
+        assert ticket.requester_name == "名" * 255
+    assert ingest_one(pipeline, raw)[1] == MessageStatus.DUPLICATE
