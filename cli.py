@@ -528,12 +528,20 @@ def messages_list(
         str | None,
         typer.Option(help="received, ticket, comment, duplicate, dropped, failed or discarded."),
     ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Received within e.g. 2h, 2d, or since an ISO date.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
     json_output: JsonOption = False,
 ) -> None:
     """List received messages and their fate, newest first."""
+    try:
+        start = parse_since(since) if since else None
+    except ValueError as exc:
+        raise fail(str(exc), EXIT_USAGE) from exc
     with runtime(ctx) as rt, rt.sessions() as session:
-        messages = [message_view(m) for m in repo.list_messages(session, limit, status)]
+        found = repo.list_messages(session, limit, status, start)
+        messages = [message_view(m) for m in found]
     columns = ["id", "received_at", "source", "status", "message_id", "mail_from", "size"]
     print_rows("messages", columns, messages, json_output)
 

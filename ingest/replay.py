@@ -99,10 +99,18 @@ def replay(
     result = ReplayResult()
     for inbound_id in wanted:
         fate = process(ctx, inbound_id) if inbound_id in known else MISSING
-        result.outcomes[inbound_id] = str(fate) if fate else SKIPPED
+        result.outcomes[inbound_id] = str(fate) if fate else _unprocessed_outcome(ctx, inbound_id)
         if on_done:
             on_done()
     return result
+
+
+def _unprocessed_outcome(ctx: PipelineContext, inbound_id: int) -> str:
+    """`process` left the message alone: `skipped` if another process had already done it,
+    `failed` if it is still failed (never fetched from IMAP: there are no bytes to replay)."""
+    with ctx.sessions() as session:
+        status = repo.statuses_of(session, [inbound_id]).get(inbound_id)
+    return MessageStatus.FAILED.value if status == MessageStatus.FAILED else SKIPPED
 
 
 def retry_due(ctx: PipelineContext, now: datetime | None = None, limit: int = 100) -> ReplayResult:

@@ -191,7 +191,12 @@ def list_messages(
     status: str | None = None,
     since: datetime | None = None,
 ) -> Sequence[InboundMessage]:
-    query = select(InboundMessage).order_by(InboundMessage.id.desc()).limit(limit)
+    query = (
+        select(InboundMessage)
+        .options(defer(InboundMessage.raw))  # a listing never needs the (large) bytes
+        .order_by(InboundMessage.id.desc())
+        .limit(limit)
+    )
     if status:
         query = query.where(InboundMessage.status == status)
     if since:
@@ -351,10 +356,9 @@ def imap_checkpoint(session: Session, account: str, folder: str) -> tuple[int, i
 def save_imap_checkpoint(
     session: Session, account: str, folder: str, uidvalidity: int, last_uid: int
 ) -> None:
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     values = {"uidvalidity": uidvalidity, "last_uid": last_uid, "updated_at": utcnow()}
     session.execute(
-        insert(ImapCheckpoint)
+        _dialect_insert(session)(ImapCheckpoint)
         .values(account=account, folder=folder, **values)
         .on_conflict_do_update(index_elements=["account", "folder"], set_=values)
     )

@@ -166,3 +166,15 @@ def test_human_output_prints_brackets_literally(cli):
     shown = cli("tickets", "show", "INQ-1")
     assert shown.exit_code == 0, shown.output
     assert "subject: [要確認] 在庫 [bold]red[/bold]" in shown.stdout
+
+
+def test_messages_list_filters_by_status_and_since(cli):
+    cli("ingest", "-", input=simple_mail())
+    cli("ingest", "-", input=b"\r\n")
+    failed = json.loads(cli("messages", "list", "--status", "failed", "--json").stdout)
+    assert [m["status"] for m in failed] == ["failed"]
+    recent = json.loads(cli("messages", "list", "--since", "1h", "--json").stdout)
+    assert len(recent) == 2
+    future = json.loads(cli("messages", "list", "--since", "2999-01-01", "--json").stdout)
+    assert future == []
+    assert cli("messages", "list", "--since", "yesterday").exit_code == 2

@@ -26,7 +26,7 @@ from ingest.mail import Envelope
 from ingest.pipeline import PipelineContext, process
 from ingest.replay import SKIPPED, parse_since, replay, retry_due
 from ingest.service import ProcessingWorker
-from storage import db
+from storage import db, repo
 from storage.models import InboundMessage, MessageStatus, ProcessingAttempt, Ticket
 from tests.mails import simple_mail
 
@@ -386,3 +386,22 @@ def test_outdated_schema_exits_3_and_downgrade_keeps_discarded_rows(tmp_path, mo
         status = conn.execute(text("SELECT status FROM inbound_messages")).scalar_one()
     assert (inbound_id, status) == (1, "failed")
     engine.dispose()
+
+
+def test_replay_counts_a_never_fetched_message_as_still_failed(cli, sessions):
+    with sessions.begin() as session:
+        inbound_id = repo.add_unfetched(
+            session,
+            source="imap",
+            size=90_000_000,
+            message_id="<huge@example.com>",
+            dedupe_key="imap:inquiry:INBOX:1:7",
+            envelope={"account": "inquiry", "uid": 7},
+            error="message is 90000000 bytes, over the limit",
+        )
+    result = cli("failed", "replay", "--all", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["still_failed"] == [inbound_id]
+    assert row(sessions, inbound_id).error == "message is 90000000 bytes, over the limit"
+    assert cli("failed", "discard", str(inbound_id), "--reason", "saved by hand").exit_code == 0
+    assert cli("failed", "replay", "--all").exit_code == 0  # nothing left that fails
