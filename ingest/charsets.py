@@ -5,13 +5,16 @@ ISO-2022-JP (①, ㈱, 髙, ...), and `shift_jis` rejects the same in Shift_JIS.
 those charsets is decoded here as its CP932 superset. Labels are trusted only while the bytes
 agree with them: 8-bit bytes under an ISO-2022-JP or US-ASCII label, bytes invalid in the
 labelled charset, or no label at all send the bytes to `guess`, which prefers UTF-8, then the
-Japanese encoding that yields real kana, then charset-normalizer. Every decode returns the text
-and a list of defects (a wrong or missing label, bytes that had to be replaced).
+Japanese encoding that yields real kana, then charset-normalizer. A single-byte label (ISO-8859-1,
+windows-1252) accepts any bytes, so it is doubted too when the bytes read as UTF-8 or as
+kana-rich Japanese. Every decode returns the text and a list of defects (a wrong or missing
+label, bytes that had to be replaced, control characters removed).
 """
 
 from __future__ import annotations
 
 import codecs
+import re
 
 from charset_normalizer import from_bytes
 
@@ -114,6 +117,9 @@ SINGLE_BYTE_CODECS = {"cp1252", "iso8859-1", "iso8859-15", "iso8859-2", "cp1250"
 JAPANESE_CODECS = ("cp932", "euc_jp", "euc_jis_2004")
 # A decode counts as Japanese when this share of its non-ASCII characters are kana.
 KANA_SHARE = 0.15
+# Control characters are removed from decoded text: PostgreSQL text refuses NUL, and the others
+# (ESC above all) would reach terminals through the CLI. Tab and line breaks are text.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
 
 
 def looks_like_iso2022jp(data: bytes) -> bool:
@@ -168,6 +174,19 @@ def _mostly_utf8(data: bytes) -> str | None:
     return text if good > 0 and bad * 4 <= good else None
 
 
+def _normalizer_guess(data: bytes) -> str | None:
+    """charset-normalizer's best encoding for `data`. It often cannot tell short CJK text apart
+    (`見積書.pdf` in Shift_JIS ties with UTF-16, Big5, CP949...); a Japanese encoding wins such
+    a tie, as this intake serves a Japanese company."""
+    matches = list(from_bytes(data))
+    if not matches:
+        return None
+    best = matches[0]
+    tied = (m for m in matches if (m.chaos, m.coherence) == (best.chaos, best.coherence))
+    japanese = (m for m in tied if _known_codec(m.encoding) in JAPANESE_CODECS)
+    return next(japanese, best).encoding
+
+
 def guess(data: bytes) -> tuple[str, str]:
     """Decode 8-bit `data` whose label is missing or wrong; returns text and the codec used."""
     text = _strict(data, "utf-8")
@@ -179,9 +198,9 @@ def guess(data: bytes) -> tuple[str, str]:
     text = _mostly_utf8(data)
     if text is not None:
         return text, "utf-8 (damaged)"
-    best = from_bytes(data).best()
+    best = _normalizer_guess(data)
     if best is not None:
-        codec = _known_codec(best.encoding.lower()) or best.encoding
+        codec = _known_codec(best.lower()) or best
         text = _strict(data, codec)
         if text is not None:
             return text, codec
@@ -209,14 +228,29 @@ def _labelled(data: bytes, label: str) -> str | None:
     if codec is None:
         return None
     text = _strict(data, codec)
-    if text is not None and codec in SINGLE_BYTE_CODECS and _strict(data, "utf-8") is not None:
-        return None  # valid multi-byte UTF-8 under a single-byte label: it is UTF-8
+    if text is not None and codec in SINGLE_BYTE_CODECS and _mislabelled_single_byte(data):
+        return None
     return text
 
 
+def _mislabelled_single_byte(data: bytes) -> bool:
+    """Every byte is valid in a single-byte charset, so its label proves nothing: valid
+    multi-byte UTF-8 or kana-rich Japanese (Shift_JIS kana are all valid CP1252) is far more
+    likely mislabelled than Latin text that happens to read that way."""
+    return _strict(data, "utf-8") is not None or _japanese(data) is not None
+
+
 def decode_bytes(data: bytes, charset: str | None) -> tuple[str, list[str]]:
-    """Decode `data` declared as `charset` (may be None or wrong); return text and defects."""
-    label = normalise_label(charset)
+    """Decode `data` declared as `charset` (may be None or wrong); return text and defects.
+    Control characters other than tab and line breaks are removed from the text."""
+    text, defects = _decode(data, normalise_label(charset))
+    clean = CONTROL_CHARS.sub("", text)
+    if len(clean) != len(text):
+        defects.append("control characters removed")
+    return clean, defects
+
+
+def _decode(data: bytes, label: str | None) -> tuple[str, list[str]]:
     if looks_like_iso2022jp(data):
         return decode_iso2022jp(data, label)
     if data.isascii():

@@ -4,7 +4,9 @@ their labelled fields (`お名前：山田`, `電話番号: 03-1234-5678`) out o
 Templates are declarative (`templates.yaml`, validated by the pydantic models below). Labels
 match regardless of full-width/half-width forms, spaces and colon style (`:` `：`), because
 both sides are compared after NFKC normalisation; values are kept as written, and typed values
-are added beside them (a phone number's E.164 form, a timestamp in ISO 8601).
+are added beside them (a phone number's E.164 form, a timestamp in ISO 8601). Regular
+expressions in templates are RE2, like those in the routing rules: linear time, so no pattern
+ops write can hang intake.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import phonenumbers
+import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from config import ConfigError, describe_validation_error, load_yaml
 from ingest.mail import IncomingMail, ParsedMail
+from rules.schema import compile_regex
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +70,12 @@ class Match(Model):
     @classmethod
     def _valid_regex(cls, value: str | None) -> str | None:
         if value is not None:
-            re.compile(value)
+            compile_regex(value)
         return value
+
+    @cached_property
+    def subject_regex(self) -> re2._Regexp | None:
+        return compile_regex(self.subject) if self.subject is not None else None
 
     @model_validator(mode="after")
     def _not_empty(self) -> Match:
@@ -79,7 +87,7 @@ class Match(Model):
         sender = (parsed.from_email or "").lower()
         if self.sender and not any(fnmatchcase(sender, p.lower()) for p in self.sender):
             return False
-        if self.subject and not re.search(self.subject, parsed.subject):
+        if self.subject_regex is not None and not self.subject_regex.search(parsed.subject):
             return False
         return all(marker in parsed.text for marker in self.body)
 
@@ -97,9 +105,13 @@ class FieldSpec(Model):
     @field_validator("pattern")
     @classmethod
     def _value_group(cls, value: str | None) -> str | None:
-        if value is not None and "value" not in re.compile(value).groupindex:
+        if value is not None and "value" not in compile_regex(value).groupindex:
             raise ValueError("the pattern needs a named group (?P<value>...)")
         return value
+
+    @cached_property
+    def regex(self) -> re2._Regexp | None:
+        return compile_regex(self.pattern) if self.pattern is not None else None
 
     @model_validator(mode="after")
     def _labels_or_pattern(self) -> FieldSpec:
@@ -179,8 +191,8 @@ def _labelled_value(spec: FieldSpec, lines: list[str], all_labels: frozenset[str
 
 def _raw_value(spec: FieldSpec, parsed: ParsedMail, all_labels: frozenset[str]) -> str | None:
     text = parsed.subject if spec.source == "subject" else parsed.text
-    if spec.pattern is not None:
-        found = re.search(spec.pattern, text)
+    if spec.regex is not None:
+        found = spec.regex.search(text)
         if found and found.group("value"):
             return found.group("value").strip()
     if spec.labels:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import mimetypes
 import re
 import unicodedata
+from collections.abc import Iterator
 from datetime import datetime
+from email import message_from_bytes
 from email.header import decode_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
@@ -23,7 +25,7 @@ from inscriptis import get_text
 from ingest.charsets import decode_bytes
 from ingest.mail import MailAttachment, ParsedMail
 
-MSGID_RE = re.compile(r"<[^<>\s]+>")
+MSGID_RE = re.compile(r"<[^<>\s\x00-\x1f\x7f]+>")
 FILENAME_FORBIDDEN = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
 # A folded header line continues after CRLF + whitespace; unfolded before decoding.
@@ -33,6 +35,8 @@ FOLDING = re.compile(r"\r?\n[ \t]")
 PARAM_START = re.compile(r";\s*([A-Za-z0-9_.-]+?)(\*\d+)?(\*)?\s*=")
 BOM = b"\xef\xbb\xbf"
 MAX_DEPTH = 32  # MIME nesting beyond this is not read (attachment bombs, endless nesting)
+# Transfer encodings RFC 2046 forbids on message/rfc822, but which some mailers still use.
+ENCODED_TRANSFER = {"base64", "quoted-printable"}
 
 
 class UnreadableMail(ValueError):
@@ -55,11 +59,23 @@ def decode_header_value(value: str | None, defects: list[str]) -> str:
         chunks = [(value, None)]
     parts = []
     for chunk, charset in chunks:
-        raw = chunk if isinstance(chunk, bytes) else chunk.encode("utf-8", "surrogateescape")
+        raw = _chunk_bytes(chunk, charset, eight_bit=not value.isascii())
         text, found = decode_bytes(raw, charset)
         defects.extend(f"header: {d}" for d in found)
         parts.append(text)
     return " ".join("".join(parts).split())
+
+
+def _chunk_bytes(chunk: bytes | str, charset: str | None, eight_bit: bool) -> bytes:
+    """The bytes of one `decode_header` chunk. Beside encoded words, `decode_header` returns the
+    other text as `raw-unicode-escape` bytes, in which a raw 8-bit byte (kept as a surrogate)
+    reads `\\udce3`: that is undone here. Only for values with 8-bit text, so that a literal
+    `\\u` in an ASCII header stays as written."""
+    if isinstance(chunk, str):
+        return chunk.encode("utf-8", "surrogateescape")
+    if charset is None and eight_bit:
+        return chunk.decode("raw-unicode-escape").encode("utf-8", "surrogateescape")
+    return chunk
 
 
 def raw_header(part: Message, name: str) -> str | None:
@@ -118,20 +134,45 @@ def _part_text(part: Message, defects: list[str]) -> str:
     return text.replace("\r\n", "\n").removeprefix("\ufeff")
 
 
+def _params(header: str | None) -> Iterator[tuple[str, int | None, bool, str]]:
+    """The parameters of a raw header value, read leniently: (name in lower case, RFC 2231
+    section number, whether the value is RFC 2231 encoded, value unquoted). 8-bit bytes in a
+    value stay surrogate escapes: `Message.get_param` would turn them into U+FFFD."""
+    if not header:
+        return
+    text = FOLDING.sub(" ", ";" + header)
+    starts = list(PARAM_START.finditer(text))
+    for i, found in enumerate(starts):
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(text)
+        number = int(found.group(2)[1:]) if found.group(2) else None
+        value = _param_value(text[found.end() : end])
+        yield found.group(1).lower(), number, bool(found.group(3)), value
+
+
+def _param_value(written: str) -> str:
+    """A parameter value without its quotes and trailing semicolons, as mailers really write
+    it (`name="a.pdf";;`, `name=""a.pdf""`). A backslash is no escape here: it is the second
+    byte of many raw Shift_JIS characters (`表`, `ソ`)."""
+    return written.strip().rstrip("; \t").strip('"')
+
+
+def _plain_param(header: str | None, name: str) -> str | None:
+    """A plain `name=value` parameter as written (it may hold encoded words or 8-bit bytes)."""
+    return next(
+        (value for key, number, encoded, value in _params(header)
+         if key == name and number is None and not encoded),
+        None,
+    )  # fmt: skip
+
+
 def _extended_param(header: str | None, name: str) -> tuple[bytes, str | None] | None:
     """An RFC 2231 extended parameter (`name*=` or `name*0*=`...), read leniently: the
     percent-decoded bytes and their charset."""
-    if not header or "*" not in header:
-        return None
-    text = FOLDING.sub(" ", ";" + header)
-    starts = list(PARAM_START.finditer(text))
-    pieces: list[tuple[int, bool, str]] = []
-    for i, found in enumerate(starts):
-        if found.group(1).lower() != name or not (found.group(2) or found.group(3)):
-            continue
-        end = starts[i + 1].start() if i + 1 < len(starts) else len(text)
-        number = int(found.group(2)[1:]) if found.group(2) else 0
-        pieces.append((number, bool(found.group(3)), text[found.end() : end].strip().strip('"')))
+    pieces = [
+        (number or 0, encoded, value)
+        for key, number, encoded, value in _params(header)
+        if key == name and (number is not None or encoded)
+    ]
     if not pieces:
         return None
     pieces.sort(key=lambda piece: piece[0])
@@ -144,25 +185,24 @@ def _extended_param(header: str | None, name: str) -> tuple[bytes, str | None] |
     return data, charset or None
 
 
+FILENAME_PARAMS = (("Content-Disposition", "filename"), ("Content-Type", "name"))
+
+
 def _filename(part: Message, defects: list[str]) -> str | None:
-    for header, param in (("Content-Disposition", "filename"), ("Content-Type", "name")):
+    """The attachment's file name: RFC 2231 `filename*=` first, then a plain `filename=`
+    (encoded words, raw ISO-2022-JP or raw 8-bit text), each from Content-Disposition before
+    Content-Type `name=`."""
+    for header, param in FILENAME_PARAMS:
         extended = _extended_param(raw_header(part, header), param)
         if extended is not None:
             text, found = decode_bytes(extended[0], extended[1] or "utf-8")
             defects.extend(f"file name: {d}" for d in found)
             return text
-    raw = part.get_param("filename", header="content-disposition")
-    if raw is None:
-        raw = part.get_param("name")
-    if raw is None:
-        return None
-    if isinstance(raw, tuple):  # RFC 2231: (charset, language, value)
-        charset, _lang, value = raw
-        data = value.encode("latin-1", "surrogateescape") if isinstance(value, str) else value
-        text, found = decode_bytes(data, charset or "utf-8")
-        defects.extend(f"file name: {d}" for d in found)
-        return text
-    return decode_header_value(raw, defects).strip('"') or None
+    for header, param in FILENAME_PARAMS:
+        plain = _plain_param(raw_header(part, header), param)
+        if plain is not None:
+            return decode_header_value(plain, defects) or None
+    return None
 
 
 def _attachment_type(part: Message, filename: str | None) -> str:
@@ -175,6 +215,17 @@ def _attachment_type(part: Message, filename: str | None) -> str:
         return f"{declared}/unknown"
     guessed = mimetypes.guess_type(filename)[0] if filename else None
     return guessed or "application/octet-stream"
+
+
+def _transfer_decoded(encoded: bytes, encoding: str) -> bytes:
+    """`encoded` decoded from base64 or quoted-printable, as leniently as any other part.
+
+    The parser read the encoded text as if it were the message itself, so it comes back here
+    re-serialised; base64 ignores the line breaks and quoted-printable the header layout."""
+    holder = Message()
+    holder["Content-Transfer-Encoding"] = encoding
+    holder.set_payload(encoded.decode("ascii", "surrogateescape"))
+    return holder.get_payload(decode=True)
 
 
 def _fallback_name(ctype: str, number: int) -> str:
@@ -224,10 +275,15 @@ class _Walker:
         inner = part.get_payload(0) if part.is_multipart() else None
         if not isinstance(inner, Message):
             return
+        content = inner.as_bytes(policy=inner.policy.clone(linesep="\r\n"))
+        encoding = (raw_header(part, "Content-Transfer-Encoding") or "").strip().lower()
+        if encoding in ENCODED_TRANSFER:
+            self.defects.append(f"message/rfc822 part in {encoding}: decoded")
+            content = _transfer_decoded(content, encoding)
+            inner = message_from_bytes(content)
         name = _filename(part, self.defects)
         subject = decode_header_value(raw_header(inner, "Subject"), self.defects)
         original = name or (f"{subject}.eml" if subject else None)
-        content = inner.as_bytes(policy=inner.policy.clone(linesep="\r\n"))
         self._add(part, "message/rfc822", original, content, f"message-{self._next()}.eml")
 
     def _add(

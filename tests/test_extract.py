@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,16 @@ def test_answering_service_template():
         "見積書をFAXでお送りください。",
         "call_id": "A-1024",
     }
+
+
+def test_subject_patterns_take_full_width_spaces():
+    """Template patterns are RE2, whose \\s is ASCII only: the shipped ones allow U+3000."""
+    raw = (DATA / "answering-service.eml").read_bytes()
+    mail = IncomingMail(1, raw, Envelope(source="file"), received_at=None)  # type: ignore[arg-type]
+    parsed = parse(raw)
+    mail.parsed = dataclasses.replace(parsed, subject="【電話受付】（受付番号　A-1024）", text="")
+    extract(mail, load_templates(TEMPLATES))
+    assert mail.fields == {"template": "answering-service", "call_id": "A-1024"}
 
 
 def test_fax_gateway_template_with_pdf_takes_number_and_pages_from_the_subject():
@@ -142,6 +153,24 @@ def test_a_bad_templates_file_names_the_line_and_key(tmp_path):
     message = str(error.value)
     assert f"{path}:4: templates.0.match: Value error, give at least one of" in message
     assert f"{path}:6: templates.0.fields.0.type:" in message
+
+
+def test_template_regexes_are_re2_and_a_pattern_it_refuses_names_the_line(tmp_path):
+    """RE2 runs in linear time; backtracking-only syntax (lookbehind, backreferences) is refused
+    when the file is loaded, not met at intake."""
+    path = tmp_path / "templates.yaml"
+    path.write_text(
+        "templates:\n  - name: x\n    source_kind: phone\n"
+        "    match: {subject: '(?<=至急)見積'}\n"
+        "    fields:\n      - {key: a, pattern: '(?P<value>a)\\1'}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as error:
+        load_templates(path)
+    message = str(error.value)
+    assert f"{path}:4: templates.0.match.subject: Value error, bad regular expression" in message
+    assert "invalid perl operator: (?<=" in message
+    assert f"{path}:6: templates.0.fields.0.pattern: Value error, bad regular expression" in message
 
 
 def test_a_missing_templates_file_means_no_templates(tmp_path):
