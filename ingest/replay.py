@@ -52,7 +52,7 @@ def headers_of(raw: bytes) -> list[tuple[str, str]]:
     """The decoded header fields of `raw`; works on messages the full parser gives up on."""
     message = BytesHeaderParser(policy=compat32).parsebytes(raw.removeprefix(b"\xef\xbb\xbf"))
     defects: list[str] = []
-    return [(name, decode_header_value(value, defects)) for name, value in message.items()]
+    return [(name, decode_header_value(str(value), defects)) for name, value in message.raw_items()]
 
 
 def first_header(headers: Iterable[tuple[str, str]], name: str) -> str | None:

@@ -405,3 +405,12 @@ def test_replay_counts_a_never_fetched_message_as_still_failed(cli, sessions):
     assert row(sessions, inbound_id).error == "message is 90000000 bytes, over the limit"
     assert cli("failed", "discard", str(inbound_id), "--reason", "saved by hand").exit_code == 0
     assert cli("failed", "replay", "--all").exit_code == 0  # nothing left that fails
+
+
+def test_list_and_show_decode_raw_8bit_headers(cli, settings, sessions):
+    raw = "From: 山田 <yamada@example.jp>\r\nSubject: 見積書の件\r\n\r\n本文\r\n".encode("cp932")
+    inbound_id = fail_one(settings, sessions, raw)
+    [item] = json.loads(cli("failed", "list", "--json").stdout)
+    assert (item["from"], item["subject"]) == ("山田 <yamada@example.jp>", "見積書の件")
+    shown = json.loads(cli("failed", "show", str(inbound_id), "--json").stdout)
+    assert ["Subject", "見積書の件"] in shown["headers"]
