@@ -453,7 +453,7 @@ def parse_file(
         mail.parsed = parse(raw)
     except UnreadableMail as exc:
         raise fail(f"{path}: {exc}", EXIT_FAILED) from exc
-    detect(mail)
+    detect(mail, settings.detect.own_senders)
     extract(mail, templates)
     view = parsed_view(mail)
     if json_output:

@@ -18,6 +18,7 @@ from pydantic import (
     IPvAnyNetwork,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -49,6 +50,19 @@ class TicketSettings(Section):
 
 class IntakeSettings(Section):
     max_message_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
+
+
+class DetectSettings(Section):
+    """What marks a mail as machine-sent beyond its headers."""
+
+    # Addresses our own notifications are sent from (e.g. the task tracker's): a mail from one of
+    # them is a loop and never opens a ticket.
+    own_senders: list[str] = []
+
+    @field_validator("own_senders")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [address.strip().lower() for address in value]
 
 
 class TemplateSettings(Section):
@@ -189,6 +203,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     tickets: TicketSettings = TicketSettings()
     intake: IntakeSettings = IntakeSettings()
+    detect: DetectSettings = DetectSettings()
     templates: TemplateSettings = TemplateSettings()
     rules: RulesSettings = RulesSettings()
     retry: RetrySettings = RetrySettings()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from sqlalchemy.orm import Session
 
@@ -61,6 +62,15 @@ def auto_reply_reason(parsed: ParsedMail, envelope_sender: str | None) -> str | 
         or _bounce(parsed)
         or _list_or_null_sender(parsed, envelope_sender)
     )
+
+
+def _own_notification(
+    parsed: ParsedMail, envelope_sender: str | None, own_senders: Collection[str]
+) -> str | None:
+    for sender in (parsed.from_email, (envelope_sender or "").lower()):
+        if sender and sender in own_senders:
+            return f"loop: sent by our own address {sender}"
+    return None
 
 
 def _auto_reply_header(parsed: ParsedMail) -> str | None:
@@ -142,10 +152,13 @@ def strip_quoted(text: str) -> str:
     return result or text
 
 
-def detect(mail: IncomingMail) -> None:
-    """Set the auto-reply/bounce/loop reason and the reply text without the quoted original."""
+def detect(mail: IncomingMail, own_senders: Collection[str] = ()) -> None:
+    """Set the auto-reply/bounce/loop reason and the reply text without the quoted original.
+    `own_senders`: the addresses our own notifications come from (a mail from them is a loop)."""
     assert mail.parsed is not None
-    mail.auto_reply = auto_reply_reason(mail.parsed, mail.envelope.mail_from)
+    loop = _own_notification(mail.parsed, mail.envelope.mail_from, own_senders)
+    mail.loop = loop is not None
+    mail.auto_reply = loop or auto_reply_reason(mail.parsed, mail.envelope.mail_from)
     mail.parsed.reply_text = strip_quoted(mail.parsed.text)
 
 

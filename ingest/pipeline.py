@@ -74,11 +74,13 @@ def parse_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
 
 def route_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
     """Follow-up detection, then the router; auto-replies that answer no ticket are dropped
-    unless a rule allows them."""
+    unless a rule allows them, and mail from our own notifications always is."""
     mail.follow_up_ticket_id = find_follow_up(mail, session, ctx.settings.tickets.key_prefix)
     decision = ctx.router(mail, session)
     no_ticket_to_join = mail.follow_up_ticket_id is None
-    if mail.auto_reply and no_ticket_to_join and not decision.allow_auto_reply:
+    if mail.loop:
+        decision.drop_reason = mail.auto_reply  # answering would feed the loop
+    elif mail.auto_reply and no_ticket_to_join and not decision.allow_auto_reply:
         decision.drop_reason = decision.drop_reason or f"auto-reply: {mail.auto_reply}"
     mail.decision = decision
 
@@ -89,7 +91,7 @@ def examine(mail: IncomingMail, ctx: PipelineContext) -> None:
     mail.stage = "parse"
     parse_stage(mail, ctx)
     mail.stage = "detect"
-    detect(mail)
+    detect(mail, ctx.settings.detect.own_senders)
     mail.stage = "extract"
     extract(mail, ctx.source_templates())
 

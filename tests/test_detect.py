@@ -9,7 +9,7 @@ from ingest.detect import auto_reply_reason, strip_quoted
 from ingest.intake import receive
 from ingest.mail import Envelope
 from ingest.parse import parse
-from ingest.pipeline import process
+from ingest.pipeline import PipelineContext, process
 from storage.models import InboundMessage, MessageStatus, Ticket, TicketComment
 from tests.conftest import DATA
 from tests.mails import simple_mail
@@ -139,3 +139,21 @@ def test_template_fields_fill_the_ticket(pipeline, sessions):
         )
         assert ticket.fields["requester_phone_e164"] == "+81312345678"
         assert ticket.fields["inquiry_type"] == "在庫確認"
+
+
+def test_mail_from_our_own_notifications_is_dropped_as_a_loop(settings, sessions):
+    settings.detect.own_senders = ["noreply@wine-importer.example.jp"]
+    pipeline = PipelineContext.with_default_routing(settings, sessions)
+    assert ingest(pipeline, simple_mail(message_id="<ask-3@example.com>")) == MessageStatus.TICKET
+    notification = simple_mail(
+        subject="[INQ-1] 担当者が決まりました",
+        sender="Tracker <NoReply@wine-importer.example.jp>",
+        headers={"In-Reply-To": "<ask-3@example.com>"},
+    )
+    assert ingest(pipeline, notification) == MessageStatus.DROPPED
+    with sessions() as session:
+        dropped = session.scalars(select(InboundMessage).order_by(InboundMessage.id)).all()[-1]
+        assert dropped.drop_reason == (
+            "loop: sent by our own address noreply@wine-importer.example.jp"
+        )
+        assert session.scalars(select(TicketComment)).all() == []
