@@ -720,7 +720,7 @@ def failed_replay(
         with progress_bar("replaying") as bar:
             task = bar.add_task("replay", total=len(chosen))
             result = replay(rt.pipeline(), chosen, lambda: bar.advance(task))
-    summary = {
+    summary: dict[str, Any] = {
         "selected": len(chosen),
         "fates": result.counts(),
         "still_failed": result.still_failed,
@@ -950,7 +950,7 @@ def rules_diff(
     new = load_rules_or_exit(new_rules)
     with runtime(ctx) as rt:
         replayed, changes = diff(rt.settings, rt.sessions, current, new, start)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "inbound_id": c.inbound_id,
             "ticket": c.ticket_key,

@@ -471,11 +471,11 @@ class FolderFetcher:
                 size = meta[uid][b"RFC822.SIZE"]
                 reason = f"message is {size} bytes, over intake.max_message_bytes ({limit})"
                 self._record_unfetched(uid, meta[uid], reason)
-            elif isinstance(bodies.get(uid), bytes):
+            elif isinstance(body := bodies.get(uid), bytes):
                 committed.append(uid)
-                self._receive(uid, bodies[uid])
+                self._receive(uid, body)
             else:
-                reason = bodies.get(uid) or "the server returned no content"
+                reason = body or "the server returned no content"
                 self._record_unfetched(uid, meta[uid], reason)
         return committed
 

@@ -127,8 +127,14 @@ def sanitise_filename(name: str, fallback: str) -> str:
     return name[:255]
 
 
+def _payload(part: Message) -> bytes:
+    """A leaf part's content, transfer-decoded (base64, quoted-printable, uuencode)."""
+    payload = part.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
 def _part_text(part: Message, defects: list[str]) -> str:
-    payload = part.get_payload(decode=True) or b""
+    payload = _payload(part)
     text, found = decode_bytes(payload, part.get_content_charset())
     defects.extend(f"{part.get_content_type()}: {d}" for d in found)
     return text.replace("\r\n", "\n").removeprefix("\ufeff")
@@ -225,7 +231,7 @@ def _transfer_decoded(encoded: bytes, encoding: str) -> bytes:
     holder = Message()
     holder["Content-Transfer-Encoding"] = encoding
     holder.set_payload(encoded.decode("ascii", "surrogateescape"))
-    return holder.get_payload(decode=True)
+    return _payload(holder)
 
 
 def _fallback_name(ctype: str, number: int) -> str:
@@ -262,8 +268,7 @@ class _Walker:
             self.texts.append(_part_text(part, self.defects))
         elif ctype == "text/html" and is_body:
             self.htmls.append(_part_text(part, self.defects))
-        elif part.get_payload(decode=True):
-            content = part.get_payload(decode=True) or b""
+        elif content := _payload(part):
             ctype = _attachment_type(part, filename)
             self._add(part, ctype, filename, content, _fallback_name(ctype, self._next()))
 

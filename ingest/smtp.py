@@ -12,6 +12,7 @@ and `IntakeLMTP` repeats DATA-phase failures once per recipient as RFC 2033 requ
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -147,7 +148,7 @@ class IntakeSMTP(SMTP):
         return self.envelope is None or not self.envelope.mail_from
 
     def close_with(self, reply: str) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
             self.transport.write(reply.encode("ascii") + b"\r\n")
             self.transport.close()
 

@@ -27,6 +27,7 @@ NEXT_BUSINESS_DAY = re.compile(r"^next_business_day\s+(?P<hh>[01]?\d|2[0-3]):(?P
 Strategy = Literal["fixed", "round_robin", "least_open"]
 Verdict = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WORKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri")
 
 
 def re2_options() -> re2.Options:
@@ -294,7 +295,7 @@ class BusinessHours(Strict):
     """Opening hours for `business_hours` conditions and `next_business_day` due times."""
 
     timezone: str = "Asia/Tokyo"
-    weekdays: list[Weekday] = Field(default_factory=lambda: ["mon", "tue", "wed", "thu", "fri"])
+    weekdays: list[Weekday] = Field(default_factory=lambda: list(WORKDAYS))
     open: time = time(9, 0)
     close: time = time(18, 0)
     holidays: list[date] = Field(default_factory=list)
@@ -361,7 +362,7 @@ def did_you_mean(word: str, candidates: Any) -> str:
 def known_keys() -> set[str]:
     """Every key the rules file knows, for "did you mean" on unknown keys."""
     keys: set[str] = set()
-    models = [
+    models: list[type[BaseModel]] = [
         TextTest,
         NamedTextTest,
         AddressTest,

@@ -34,9 +34,12 @@ class ClippedString(TypeDecorator[str]):
     impl = String
     cache_ok = True
 
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
     def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
-        length = self.impl_instance.length
-        return value[:length] if value is not None and length else value
+        return value[: self.length] if value is not None else value
 
 
 class UTCDateTime(TypeDecorator[datetime]):

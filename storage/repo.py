@@ -6,9 +6,9 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import CursorResult, Row, Update, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
@@ -28,6 +28,11 @@ from storage.models import (
 PROCESSABLE = (MessageStatus.RECEIVED, MessageStatus.FAILED)
 UNFETCHED_STAGE = "fetch"  # failed before we had the bytes (IMAP: too large, refused by server)
 DONE_WITH_RECORD = (MessageStatus.TICKET, MessageStatus.COMMENT)
+
+
+def _rows_updated(session: Session, statement: Update) -> int:
+    """How many rows an UPDATE matched."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
 
 
 def begin_attempt(session: Session, inbound_id: int) -> tuple[int, str] | None:
@@ -54,12 +59,12 @@ def claim(session: Session, inbound_id: int) -> bool:
     commit, so of two processes claiming one message the second waits, then finds it no longer
     processable.
     """
-    result = session.execute(
+    statement = (
         update(InboundMessage)
         .where(InboundMessage.id == inbound_id, InboundMessage.status.in_(PROCESSABLE))
         .values(attempts=InboundMessage.attempts)
     )
-    return result.rowcount == 1
+    return _rows_updated(session, statement) == 1
 
 
 def mark_failed(
@@ -101,7 +106,9 @@ def pending_ids(session: Session, limit: int | None = None) -> Sequence[int]:
     return session.scalars(query).all()
 
 
-def first_record_of(session: Session, dedupe_key: str, before_id: int) -> Row[Any] | None:
+def first_record_of(
+    session: Session, dedupe_key: str, before_id: int
+) -> Row[int, int | None] | None:
     """The `id` and `ticket_id` of an earlier delivery of the same message that already made a
     ticket or comment."""
     query = (
@@ -331,7 +338,7 @@ def statuses_of(session: Session, ids: Sequence[int]) -> dict[int, str]:
 
 def discard(session: Session, inbound_id: int, reason: str) -> bool:
     """Mark a failed message handled without processing; False if it is not failed (any more)."""
-    result = session.execute(
+    statement = (
         update(InboundMessage)
         .where(InboundMessage.id == inbound_id, InboundMessage.status == MessageStatus.FAILED)
         .values(
@@ -341,7 +348,7 @@ def discard(session: Session, inbound_id: int, reason: str) -> bool:
             processed_at=utcnow(),
         )
     )
-    return result.rowcount == 1
+    return _rows_updated(session, statement) == 1
 
 
 # --- IMAP fetch checkpoints and messages that could not be fetched ---------------------------
@@ -426,7 +433,7 @@ def open_ticket_counts(session: Session, assignees: Sequence[str]) -> dict[str, 
         .where(Ticket.status == "open", Ticket.assignee.in_(assignees))
         .group_by(Ticket.assignee)
     )
-    return {assignee: count for assignee, count in session.execute(query).all()}
+    return {a: count for a, count in session.execute(query).all() if a is not None}
 
 
 def routed_since(session: Session, since: datetime) -> Sequence[tuple[int, str | None]]:

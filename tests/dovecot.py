@@ -195,7 +195,8 @@ class Dovecot:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def _failure(self) -> str:
-        stderr = self.process.stderr.read().decode(errors="replace") if self.process else ""
+        pipe = self.process.stderr if self.process else None
+        stderr = pipe.read().decode(errors="replace") if pipe else ""
         return (stderr + self.log())[-2000:]
 
     def stop(self) -> None:

@@ -159,7 +159,10 @@ def mails(count: int, prefix: str = "在庫の問い合わせ") -> list[bytes]:
 
 
 def processing(pipeline: PipelineContext) -> Callable[[int], None]:
-    return lambda inbound_id: process(pipeline, inbound_id) and None
+    def process_one(inbound_id: int) -> None:
+        process(pipeline, inbound_id)
+
+    return process_one
 
 
 def fetcher(
