@@ -27,14 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config import ConfigError, Settings, load_settings
 from ingest.attempts import short_error
-from ingest.detect import detect
-from ingest.extract import extract, load_templates
 from ingest.files import STDIN, MessageSource
 from ingest.imap import Hooks, folder_fetchers
 from ingest.intake import receive
 from ingest.mail import Envelope, IncomingMail
-from ingest.parse import UnreadableMail, parse
-from ingest.pipeline import PipelineContext, process, process_pending
+from ingest.parse import UnreadableMail
+from ingest.pipeline import MessageTooLarge, PipelineContext, examine, process, process_pending
 from ingest.replay import discard, first_header, headers_of, parse_since, replay, select_failed
 from ingest.service import ListenerError, Service, serve_until_signalled
 from rules.dryrun import DryRouter, decision_view, diff
@@ -42,7 +40,7 @@ from rules.engine import CompiledRules, RulesRouter
 from rules.load import RulesError, load_rules
 from rules.reload import RulesHolder, watch_rules
 from storage import db, repo
-from storage.models import InboundMessage, MessageStatus, ProcessingAttempt, Ticket
+from storage.models import InboundMessage, MessageStatus, ProcessingAttempt, Ticket, utcnow
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -439,22 +437,21 @@ def parse_file(
 ) -> None:
     """Show what the pipeline reads from a message file: headers, text, attachments, defects,
     detected kind and extracted fields. Uses no database."""
-    settings: Settings = ctx.obj
     try:
         raw = path.read_bytes()
-        templates = load_templates(settings.templates.path)
     except OSError as exc:
         raise fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_USAGE) from exc
-    except ConfigError as exc:
-        raise fail(f"bad templates:\n{exc}", EXIT_USAGE) from exc
-    envelope = Envelope(source="file", extra={"origin": str(path)})
-    mail = IncomingMail(0, raw, envelope, datetime.now(UTC))
+    # An unbound session factory: the stages `examine` runs never touch the database.
+    pipeline = PipelineContext.with_default_routing(ctx.obj, sessionmaker())
     try:
-        mail.parsed = parse(raw)
-    except UnreadableMail as exc:
+        pipeline.source_templates()
+    except ConfigError as exc:
+        raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
+    mail = IncomingMail(0, raw, Envelope(source="file", extra={"origin": str(path)}), utcnow())
+    try:
+        examine(mail, pipeline)
+    except (UnreadableMail, MessageTooLarge) as exc:
         raise fail(f"{path}: {exc}", EXIT_FAILED) from exc
-    detect(mail, settings.detect.own_senders)
-    extract(mail, templates)
     view = parsed_view(mail)
     if json_output:
         print_json(view)
