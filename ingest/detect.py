@@ -64,10 +64,15 @@ def auto_reply_reason(parsed: ParsedMail, envelope_sender: str | None) -> str | 
     )
 
 
-def _own_notification(
-    parsed: ParsedMail, envelope_sender: str | None, own_senders: Collection[str]
-) -> str | None:
-    for sender in (parsed.from_email, (envelope_sender or "").lower()):
+def loop_reason(mail: IncomingMail, own_senders: Collection[str]) -> str | None:
+    """Why this mail is one of our own notifications coming back (a loop), or None.
+
+    A mail that a source template recognised comes from a gateway, never from us, even when
+    the gateway sends from our domain."""
+    assert mail.parsed is not None
+    if mail.source_kind != "email":
+        return None
+    for sender in (mail.parsed.from_email, (mail.envelope.mail_from or "").lower()):
         if sender and sender in own_senders:
             return f"loop: sent by our own address {sender}"
     return None
@@ -152,13 +157,10 @@ def strip_quoted(text: str) -> str:
     return result or text
 
 
-def detect(mail: IncomingMail, own_senders: Collection[str] = ()) -> None:
-    """Set the auto-reply/bounce/loop reason and the reply text without the quoted original.
-    `own_senders`: the addresses our own notifications come from (a mail from them is a loop)."""
+def detect(mail: IncomingMail) -> None:
+    """Set the auto-reply/bounce reason and the reply text without the quoted original."""
     assert mail.parsed is not None
-    loop = _own_notification(mail.parsed, mail.envelope.mail_from, own_senders)
-    mail.loop = loop is not None
-    mail.auto_reply = loop or auto_reply_reason(mail.parsed, mail.envelope.mail_from)
+    mail.auto_reply = auto_reply_reason(mail.parsed, mail.envelope.mail_from)
     mail.parsed.reply_text = strip_quoted(mail.parsed.text)
 
 

@@ -84,7 +84,6 @@ class IncomingMail:
     source_kind: str = "email"  # phone, fax, webform or email, from the matching template
     fields: dict[str, Any] = field(default_factory=dict)  # extracted from the template
     auto_reply: str | None = None  # why it is an auto-reply/bounce/loop, if it is one
-    loop: bool = False  # sent by our own notifications: never a ticket, never a comment
     follow_up_ticket_id: int | None = None  # the ticket this mail answers
     decision: Decision | None = None
     stage: str = "received"  # the pipeline stage running now; names where a failure happened

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from ingest.attempts import record_attempt, retry_at
-from ingest.detect import detect, find_follow_up
+from ingest.detect import detect, find_follow_up, loop_reason
 from ingest.extract import Template, extract, load_templates
 from ingest.mail import Decision, Envelope, IncomingMail
 from ingest.parse import parse
@@ -78,8 +78,9 @@ def route_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> N
     mail.follow_up_ticket_id = find_follow_up(mail, session, ctx.settings.tickets.key_prefix)
     decision = ctx.router(mail, session)
     no_ticket_to_join = mail.follow_up_ticket_id is None
-    if mail.loop:
-        decision.drop_reason = mail.auto_reply  # answering would feed the loop
+    loop = loop_reason(mail, ctx.settings.detect.own_senders)
+    if loop:
+        decision.drop_reason = loop  # a ticket or comment would feed the loop
     elif mail.auto_reply and no_ticket_to_join and not decision.allow_auto_reply:
         decision.drop_reason = decision.drop_reason or f"auto-reply: {mail.auto_reply}"
     mail.decision = decision
@@ -91,7 +92,7 @@ def examine(mail: IncomingMail, ctx: PipelineContext) -> None:
     mail.stage = "parse"
     parse_stage(mail, ctx)
     mail.stage = "detect"
-    detect(mail, ctx.settings.detect.own_senders)
+    detect(mail)
     mail.stage = "extract"
     extract(mail, ctx.source_templates())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from sqlalchemy import select
 
@@ -142,18 +144,28 @@ def test_template_fields_fill_the_ticket(pipeline, sessions):
 
 
 def test_mail_from_our_own_notifications_is_dropped_as_a_loop(settings, sessions):
-    settings.detect.own_senders = ["noreply@wine-importer.example.jp"]
+    settings.detect.own_senders = ["tracker-notify@wine-importer.example.jp"]
     pipeline = PipelineContext.with_default_routing(settings, sessions)
     assert ingest(pipeline, simple_mail(message_id="<ask-3@example.com>")) == MessageStatus.TICKET
     notification = simple_mail(
         subject="[INQ-1] 担当者が決まりました",
-        sender="Tracker <NoReply@wine-importer.example.jp>",
+        sender="Tracker <Tracker-Notify@wine-importer.example.jp>",
         headers={"In-Reply-To": "<ask-3@example.com>"},
     )
     assert ingest(pipeline, notification) == MessageStatus.DROPPED
     with sessions() as session:
         dropped = session.scalars(select(InboundMessage).order_by(InboundMessage.id)).all()[-1]
         assert dropped.drop_reason == (
-            "loop: sent by our own address noreply@wine-importer.example.jp"
+            "loop: sent by our own address tracker-notify@wine-importer.example.jp"
         )
         assert session.scalars(select(TicketComment)).all() == []
+
+
+def test_a_gateway_mail_from_an_own_sender_address_is_no_loop(settings, sessions):
+    """The web form notifies from our domain; its template recognises it, so it is an inquiry."""
+    raw = (DATA / "contact-form7-plain.eml").read_bytes()
+    sender = re.search(rb"^From: .*<([^>]+)>", raw, re.MULTILINE)
+    assert sender is not None
+    settings.detect.own_senders = [sender.group(1).decode().lower()]
+    pipeline = PipelineContext.with_default_routing(settings, sessions)
+    assert ingest(pipeline, raw) == MessageStatus.TICKET
