@@ -130,16 +130,33 @@ def main_options(
     logging.getLogger("mailparser").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("imapclient").setLevel(logging.WARNING)  # protocol traces hold mail
-    try:
-        ctx.obj = load_settings(config)
-    except ConfigError as exc:
-        raise fail(f"bad configuration:\n{exc}", EXIT_USAGE) from exc
+    ctx.obj = CliState(config)
+
+
+@dataclass
+class CliState:
+    """The global options; settings are loaded by the first command that needs them, so a
+    command can decide what a bad configuration means for it (`ingest -` must not bounce)."""
+
+    config: Path | None
+    settings: Settings | None = None
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    """The configuration; a bad one is exit 2 with `file:line: key: problem`."""
+    state: CliState = ctx.obj
+    if state.settings is None:
+        try:
+            state.settings = load_settings(state.config)
+        except ConfigError as exc:
+            raise fail(f"bad configuration:\n{exc}", EXIT_USAGE) from exc
+    return state.settings
 
 
 @contextmanager
 def runtime(ctx: typer.Context, *, migrate: bool = True) -> Iterator[Runtime]:
     """Engine and sessions for one command; database problems become exit code 3."""
-    settings: Settings = ctx.obj
+    settings = settings_of(ctx)
     engine = db.make_engine(
         settings.database.url,
         busy_timeout_ms=settings.database.busy_timeout_ms,
@@ -295,26 +312,38 @@ def ingest(
     queues and retries) if it could not be stored, never a code that makes the MTA bounce it.
     """
     from_mta = paths == [STDIN]
+    run = IngestRun()
     try:
         sources = [MessageSource(p, glob) for p in paths]
-        fates = ingest_sources(ctx, sources)
+        ingest_sources(ctx, sources, run)
     except (FileNotFoundError, OSError) as exc:
         if from_mta:
             raise fail(f"not stored, the sender should retry: {exc}", EX_TEMPFAIL) from exc
         raise fail(str(exc), EXIT_USAGE) from exc
-    except typer.Exit as exc:
-        if from_mta and exc.exit_code:
-            err.print("not stored, the sender should retry (exit 75)")
-            raise typer.Exit(EX_TEMPFAIL) from exc
-        raise
-    print_fates(fates, json_output)
-    if fates.get(MessageStatus.FAILED.value) and not from_mta:
+    except (typer.Exit, Exception) as exc:
+        if not from_mta or getattr(exc, "exit_code", 1) == 0:
+            raise
+        if run.stored:
+            # Ours now: processing resumes with `serve`, the next run or `failed replay`.
+            err.print(f"stored as ledger id {run.stored[-1]}; processing deferred: {exc!r}")
+            raise typer.Exit(0) from exc
+        err.print(f"not stored, the sender should retry (exit 75): {exc!r}")
+        raise typer.Exit(EX_TEMPFAIL) from exc
+    print_fates(run.fates, json_output)
+    if run.fates.get(MessageStatus.FAILED.value) and not from_mta:
         raise typer.Exit(EXIT_FAILED)
 
 
-def ingest_sources(ctx: typer.Context, sources: list[MessageSource]) -> Counter[str]:
+@dataclass
+class IngestRun:
+    """What an `ingest` did so far: ledger ids stored, and the fate of each message processed."""
+
+    stored: list[int] = field(default_factory=list)
+    fates: Counter[str] = field(default_factory=Counter)
+
+
+def ingest_sources(ctx: typer.Context, sources: list[MessageSource], run: IngestRun) -> None:
     """Receive and process every message of `sources`, after any left over by a crash."""
-    fates: Counter[str] = Counter()
     with runtime(ctx) as rt:
         pipeline = rt.pipeline()
         recovered = process_pending(pipeline)
@@ -325,10 +354,9 @@ def ingest_sources(ctx: typer.Context, sources: list[MessageSource]) -> Counter[
             for source in sources:
                 for item in source:
                     envelope = Envelope(source=item.source, extra={"origin": item.origin})
-                    inbound_id = receive(rt.sessions, item.raw, envelope)
-                    fates[process(pipeline, inbound_id) or "skipped"] += 1
+                    run.stored.append(receive(rt.sessions, item.raw, envelope))
+                    run.fates[process(pipeline, run.stored[-1]) or "skipped"] += 1
                     bar.advance(task)
-    return fates
 
 
 def print_fates(fates: Counter[str], json_output: bool, **extra: Any) -> None:
@@ -361,7 +389,7 @@ def fetch(
     """
     if not once:
         raise fail("fetch needs --once; `mailintake serve` fetches continuously", EXIT_USAGE)
-    names = [a.name for a in ctx.obj.imap.accounts]
+    names = [a.name for a in settings_of(ctx).imap.accounts]
     if not names:
         raise fail("no IMAP accounts configured (imap.accounts in the config)", EXIT_USAGE)
     if account is not None and account not in names:
@@ -442,7 +470,7 @@ def parse_file(
     except OSError as exc:
         raise fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_USAGE) from exc
     # An unbound session factory: the stages `examine` runs never touch the database.
-    pipeline = PipelineContext.with_default_routing(ctx.obj, sessionmaker())
+    pipeline = PipelineContext.with_default_routing(settings_of(ctx), sessionmaker())
     try:
         pipeline.source_templates()
     except ConfigError as exc:
@@ -803,7 +831,7 @@ RulesFileOption = Annotated[
 
 
 def configured_rules_path(ctx: typer.Context, given: Path | None) -> Path:
-    path = given or ctx.obj.rules.path
+    path = given or settings_of(ctx).rules.path
     if path is None:
         raise fail("no rules file: give one, or set rules.path in the config", EXIT_USAGE)
     return path

@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from cli import app
+from storage import db
 from tests.conftest import DATA, corpus_dir
 from tests.mails import simple_mail
 
@@ -178,3 +179,31 @@ def test_messages_list_filters_by_status_and_since(cli):
     future = json.loads(cli("messages", "list", "--since", "2999-01-01", "--json").stdout)
     assert future == []
     assert cli("messages", "list", "--since", "yesterday").exit_code == 2
+
+
+def test_mta_pipe_exits_0_when_stored_but_the_database_fails_afterwards(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'pipe.db'}"
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    with engine.begin() as conn:  # the ledger accepts the row, then refuses every update
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse_updates BEFORE UPDATE ON inbound_messages "
+                "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+            )
+        )
+    engine.dispose()
+    monkeypatch.setenv("MAILINTAKE_DATABASE__URL", url)
+    args = ["--config", str(ROOT / "config.yaml"), "ingest", "-"]
+    result = CliRunner().invoke(app, args, input=simple_mail())
+    assert result.exit_code == 0, result.output
+    assert "stored as ledger id 1; processing deferred" in result.stderr
+    assert scalar(url, "SELECT count(*) FROM inbound_messages WHERE status = 'received'") == 1
+
+
+def test_mta_pipe_exits_75_on_a_bad_configuration(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("database:\n  ulr: typo\n")
+    result = CliRunner().invoke(app, ["--config", str(bad), "ingest", "-"], input=simple_mail())
+    assert result.exit_code == 75
+    assert f"{bad}:2: database.ulr: unknown key" in result.stderr
