@@ -10,6 +10,7 @@ import os
 import shlex
 import socket
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -46,6 +47,33 @@ def current_actor() -> Actor:
         username = None
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "?"
     return Actor(socket.gethostname()[:255], os.getpid(), username and username[:64], command[:255])
+
+
+def lease_owner() -> str:
+    """How this thread names itself on a processing lease: `host:pid:thread`."""
+    return f"{socket.gethostname()[:200]}:{os.getpid()}:{threading.get_ident()}"
+
+
+def lease_abandoned(owner: str, until: datetime | None, now: datetime) -> bool:
+    """Whether a lease was left behind by an attempt that can no longer finish: its time ran
+    out, or its holder on this host is gone (a dead process, an ended thread, or this very
+    thread, which is not working on it any more). A restart after a crash need not wait."""
+    if until is None or until <= now:
+        return True
+    parts = owner.split(":")
+    if len(parts) != 3 or parts[0] != socket.gethostname()[:200]:
+        return False  # another host's: only its expiry tells
+    pid, thread = int(parts[1]), int(parts[2])
+    if pid == os.getpid():
+        live = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
+        return thread not in live
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -12,12 +12,13 @@ import logging
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from ingest.attempts import record_attempt, retry_at
+from ingest.attempts import lease_abandoned, lease_owner, record_attempt, retry_at
 from ingest.detect import detect, find_follow_up, loop_reason
 from ingest.extract import Template, extract, load_templates
 from ingest.mail import Decision, Envelope, IncomingMail
@@ -32,10 +33,13 @@ log = logging.getLogger(__name__)
 Router = Callable[[IncomingMail, Session], Decision]
 
 
-# A message still `received` after this many unfinished attempts is failed (stage
-# `interrupted`) instead of tried again: it may be what kills the process, and a service that
-# restarts would otherwise crash on it forever.
+# A message whose last attempts all died unfinished (the process crashed or was killed) is
+# failed, stage `interrupted`, instead of tried again: it may be what kills the process, and a
+# service that restarts would otherwise crash on it forever.
 INTERRUPTED_LIMIT = 3
+# How long a processing lease lasts: far longer than any message takes. A holder that dies on
+# this host is noticed at once; one on another host when its lease runs out.
+LEASE = timedelta(minutes=10)
 
 
 class MessageTooLarge(ValueError):
@@ -122,43 +126,58 @@ def incoming_mail(row: InboundMessage) -> IncomingMail:
 
 
 def process(ctx: PipelineContext, inbound_id: int) -> MessageStatus | None:
-    """Process one ledger row; returns its fate, or None if it was not processable."""
+    """Process one ledger row; returns its fate, or None if it was not processable (done, or
+    being processed by another process)."""
     mail = load(ctx, inbound_id)
     if mail is None:
         return None
-    with ctx.sessions.begin() as session:
-        started = repo.begin_attempt(session, inbound_id)
-    if started is None:
-        return None  # processed meanwhile by another process
-    attempts, status = started
-    if status == MessageStatus.RECEIVED and attempts > INTERRUPTED_LIMIT:
+    owner = lease_owner()
+    interruptions = _take_lease(ctx, inbound_id, owner)
+    if interruptions is None:
+        return None
+    if interruptions >= INTERRUPTED_LIMIT:
         error = (
-            f"processing was interrupted {attempts - 1} times without finishing "
+            f"processing was interrupted {interruptions} times without finishing "
             "(the process crashed or was killed while on this message); replay it when fixed"
         )
-        _record_failure(ctx, mail, "interrupted", RuntimeError(error))
-        return MessageStatus.FAILED
+        return _record_failure(ctx, mail, owner, "interrupted", RuntimeError(error))
     try:
         examine(mail, ctx)
         try:
-            fate = _route_and_store(ctx, mail)
+            fate = _route_and_store(ctx, mail, owner)
         except IntegrityError:
             # Another process stored the same message at the same moment; a second pass
             # sees its record and makes this delivery a duplicate.
-            fate = _route_and_store(ctx, mail)
+            fate = _route_and_store(ctx, mail, owner)
     except Exception as exc:
-        _record_failure(ctx, mail, mail.stage, exc)
-        return MessageStatus.FAILED
+        return _record_failure(ctx, mail, owner, mail.stage, exc)
     if fate is not None:
         log.info("message %s %s: %s", inbound_id, _mid(mail), fate)
     return fate
 
 
-def _route_and_store(ctx: PipelineContext, mail: IncomingMail) -> MessageStatus | None:
+def _take_lease(ctx: PipelineContext, inbound_id: int, owner: str) -> int | None:
+    """Become the one process working on the message, committed before the work starts.
+
+    Returns how many attempts in a row were interrupted (their lease left behind), or None if
+    the message is done or another live process holds it.
+    """
+    now = utcnow()
+    with ctx.sessions.begin() as session:
+        seen = repo.lease_of(session, inbound_id)
+        if seen is None or seen.status not in repo.PROCESSABLE:
+            return None
+        if seen.owner is not None and not lease_abandoned(seen.owner, seen.until, now):
+            return None
+        taken = repo.take_lease(session, inbound_id, seen, owner, now + LEASE)
+    return taken[1] if taken else None
+
+
+def _route_and_store(ctx: PipelineContext, mail: IncomingMail, owner: str) -> MessageStatus | None:
     """The transactional part: claim, route, store, all committed together or not at all."""
     with ctx.sessions.begin() as session:
         mail.stage = "claim"
-        if not repo.claim(session, mail.inbound_id):
+        if not repo.claim(session, mail.inbound_id, owner):
             return None
         if store_if_duplicate(session, mail):
             fate = MessageStatus.DUPLICATE
@@ -175,8 +194,21 @@ def _mid(mail: IncomingMail) -> str:
     return (mail.parsed.message_id if mail.parsed else None) or "(no Message-ID)"
 
 
-def _record_failure(ctx: PipelineContext, mail: IncomingMail, stage: str, exc: Exception) -> None:
+def _record_failure(
+    ctx: PipelineContext, mail: IncomingMail, owner: str, stage: str, exc: Exception
+) -> MessageStatus | None:
+    """Mark the message failed (with the traceback) and schedule an automatic retry when the
+    failure is transient; None if the message is no longer this process's to fail."""
     error = "".join(traceback.format_exception(exc))
+    failed_at = utcnow()
+    with ctx.sessions.begin() as session:
+        attempts = repo.mark_failed(session, mail.inbound_id, owner, stage, error, failed_at)
+        if attempts is None:
+            return None
+        record_attempt(session, mail.inbound_id, MessageStatus.FAILED, stage, error)
+        retry = retry_at(ctx.settings.retry, exc, attempts, failed_at)
+        if retry:
+            repo.schedule_retry(session, mail.inbound_id, retry)
     log.warning(
         "message %s %s failed at %s: %s: %s",
         mail.inbound_id,
@@ -185,13 +217,7 @@ def _record_failure(ctx: PipelineContext, mail: IncomingMail, stage: str, exc: E
         type(exc).__name__,
         exc,
     )
-    failed_at = utcnow()
-    with ctx.sessions.begin() as session:
-        attempts = repo.mark_failed(session, mail.inbound_id, stage, error, failed_at)
-        record_attempt(session, mail.inbound_id, MessageStatus.FAILED, stage, error)
-        retry = retry_at(ctx.settings.retry, exc, attempts, failed_at) if attempts else None
-        if retry:
-            repo.schedule_retry(session, mail.inbound_id, retry)
+    return MessageStatus.FAILED
 
 
 def process_pending(

@@ -106,11 +106,11 @@ def replay(
 
 
 def _unprocessed_outcome(ctx: PipelineContext, inbound_id: int) -> str:
-    """`process` left the message alone: `skipped` if another process had already done it,
-    `failed` if it is still failed (never fetched from IMAP: there are no bytes to replay)."""
+    """`process` left the message alone: `failed` if it can never be replayed (never fetched
+    from IMAP: there are no bytes), else `skipped` (done, or being done, by another process)."""
     with ctx.sessions() as session:
-        status = repo.statuses_of(session, [inbound_id]).get(inbound_id)
-    return MessageStatus.FAILED.value if status == MessageStatus.FAILED else SKIPPED
+        unfetched = repo.is_unfetched(session, inbound_id)
+    return MessageStatus.FAILED.value if unfetched else SKIPPED
 
 
 def retry_due(ctx: PipelineContext, now: datetime | None = None, limit: int = 100) -> ReplayResult:

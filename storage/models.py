@@ -109,6 +109,11 @@ class InboundMessage(Base):
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
     next_attempt_at: Mapped[datetime | None]  # when a transient failure is retried by itself
     discard_reason: Mapped[str | None] = mapped_column(Text)
+    # The process working on the message (`host:pid`) and until when; left behind by a
+    # process that died mid-way. `interruptions` counts such unfinished attempts in a row.
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_until: Mapped[datetime | None]
+    interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (Index("ix_inbound_messages_status_id", "status", "id"),)
 

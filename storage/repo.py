@@ -28,6 +28,7 @@ from storage.models import (
 PROCESSABLE = (MessageStatus.RECEIVED, MessageStatus.FAILED)
 UNFETCHED_STAGE = "fetch"  # failed before we had the bytes (IMAP: too large, refused by server)
 DONE_WITH_RECORD = (MessageStatus.TICKET, MessageStatus.COMMENT)
+RELEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None, "interruptions": 0}
 
 
 def _rows_updated(session: Session, statement: Update) -> int:
@@ -35,52 +36,88 @@ def _rows_updated(session: Session, statement: Update) -> int:
     return cast(CursorResult[Any], session.execute(statement)).rowcount
 
 
-def begin_attempt(session: Session, inbound_id: int) -> tuple[int, str] | None:
-    """Count a processing attempt before the work starts; the caller commits it at once.
+@dataclass(frozen=True)
+class Lease:
+    """A processing lease as read from the ledger row."""
 
-    A process that dies mid-way (killed, out of memory) rolls back its work but leaves this
-    count, so a message that keeps killing its processor can be recognised. Returns the
-    attempts so far and the status, or None if the message is not processable.
-    """
+    status: str
+    owner: str | None
+    until: datetime | None
+
+
+def lease_of(session: Session, inbound_id: int) -> Lease | None:
+    query = select(
+        InboundMessage.status, InboundMessage.lease_owner, InboundMessage.lease_until
+    ).where(InboundMessage.id == inbound_id)
+    row = session.execute(query).one_or_none()
+    return Lease(row.status, row.lease_owner, row.lease_until) if row else None
+
+
+def take_lease(
+    session: Session, inbound_id: int, seen: Lease, owner: str, until: datetime
+) -> tuple[int, int] | None:
+    """Take the processing lease if it is still as `seen` (compare-and-set: of two processes,
+    one wins). A lease left behind counts as an interrupted attempt. The caller commits at
+    once, before the work starts. Returns (attempts, interruptions), or None if lost."""
+    left_behind = 1 if seen.owner is not None else 0
     result = session.execute(
         update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.status.in_(PROCESSABLE))
-        .values(attempts=InboundMessage.attempts + 1)
-        .returning(InboundMessage.attempts, InboundMessage.status)
+        .where(
+            InboundMessage.id == inbound_id,
+            InboundMessage.status.in_(PROCESSABLE),
+            InboundMessage.lease_owner.is_not_distinct_from(seen.owner),
+            InboundMessage.lease_until.is_not_distinct_from(seen.until),
+        )
+        .values(
+            attempts=InboundMessage.attempts + 1,
+            interruptions=InboundMessage.interruptions + left_behind,
+            lease_owner=owner,
+            lease_until=until,
+        )
+        .returning(InboundMessage.attempts, InboundMessage.interruptions)
     )
     row = result.one_or_none()
-    return (row.attempts, row.status) if row else None
+    return (row.attempts, row.interruptions) if row else None
 
 
-def claim(session: Session, inbound_id: int) -> bool:
-    """Take a message for processing inside the caller's transaction.
+def claim(session: Session, inbound_id: int, owner: str) -> bool:
+    """Lock a message for the processing transaction; True while `owner` holds its lease.
 
     The UPDATE (which changes nothing) locks the row (PostgreSQL) or the database (SQLite) until
-    commit, so of two processes claiming one message the second waits, then finds it no longer
-    processable.
+    commit, so the outcome is written by the lease holder alone, even if its lease ran out and
+    another process took it meanwhile.
     """
     statement = (
         update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.status.in_(PROCESSABLE))
+        .where(
+            InboundMessage.id == inbound_id,
+            InboundMessage.status.in_(PROCESSABLE),
+            InboundMessage.lease_owner == owner,
+        )
         .values(attempts=InboundMessage.attempts)
     )
     return _rows_updated(session, statement) == 1
 
 
 def mark_failed(
-    session: Session, inbound_id: int, stage: str, error: str, failed_at: datetime
+    session: Session, inbound_id: int, owner: str, stage: str, error: str, failed_at: datetime
 ) -> int | None:
-    """Record a failure; returns the number of attempts so far, or None if the row had
-    meanwhile been processed (or discarded) by someone else."""
+    """Record a failure by the lease holder `owner` and release the lease; returns the number
+    of attempts so far, or None if the message is no longer this process's to fail."""
     result = session.execute(
         update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.status.in_(PROCESSABLE))
+        .where(
+            InboundMessage.id == inbound_id,
+            InboundMessage.status.in_(PROCESSABLE),
+            InboundMessage.lease_owner == owner,
+        )
         .values(
             status=MessageStatus.FAILED,
             fail_stage=stage,
             error=error,
             processed_at=failed_at,
             next_attempt_at=None,
+            **RELEASED,
         )
         .returning(InboundMessage.attempts)
     )
@@ -181,6 +218,7 @@ def set_fate(
             error=None,
             next_attempt_at=None,
             processed_at=utcnow(),
+            **RELEASED,
         )
     )
 
@@ -346,6 +384,7 @@ def discard(session: Session, inbound_id: int, reason: str) -> bool:
             discard_reason=reason,
             next_attempt_at=None,
             processed_at=utcnow(),
+            **RELEASED,
         )
     )
     return _rows_updated(session, statement) == 1
@@ -369,6 +408,16 @@ def save_imap_checkpoint(
         .values(account=account, folder=folder, **values)
         .on_conflict_do_update(index_elements=["account", "folder"], set_=values)
     )
+
+
+def is_unfetched(session: Session, inbound_id: int) -> bool:
+    """A failed message whose bytes were never fetched (see `add_unfetched`)."""
+    query = select(InboundMessage.id).where(
+        InboundMessage.id == inbound_id,
+        InboundMessage.status == MessageStatus.FAILED,
+        InboundMessage.fail_stage == UNFETCHED_STAGE,
+    )
+    return session.execute(query).first() is not None
 
 
 def add_unfetched(

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -10,7 +18,14 @@ from ingest.mail import Envelope
 from ingest.pipeline import PipelineContext, process, process_pending
 from rules.defaults import default_decision
 from storage import repo
-from storage.models import AttachmentBlob, InboundMessage, MessageStatus, Ticket, TicketComment
+from storage.models import (
+    AttachmentBlob,
+    InboundMessage,
+    MessageStatus,
+    ProcessingAttempt,
+    Ticket,
+    TicketComment,
+)
 from tests.conftest import DATA
 from tests.mails import simple_mail
 
@@ -164,25 +179,74 @@ def test_a_message_never_fetched_is_not_processed_and_keeps_its_reason(pipeline,
         assert row.error == "message is 90000000 bytes, over the limit"
 
 
+def dead_owner() -> str:
+    """A lease owner name for a process of this host that has exited."""
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    return f"{socket.gethostname()[:200]}:{int(child.stdout)}:1"
+
+
+def leave_lease(sessions, inbound_id: int, owner: str, interruptions: int = 0) -> None:
+    """As a process that took the message and then died (or is still at work) leaves it."""
+    with sessions.begin() as session:
+        row = session.get_one(InboundMessage, inbound_id)
+        row.lease_owner = owner
+        row.lease_until = datetime.now(UTC) + timedelta(minutes=5)
+        row.interruptions = interruptions
+
+
 def test_a_message_that_keeps_killing_its_processor_is_failed_not_retried_forever(
     pipeline, sessions
 ):
     inbound_id = receive(sessions, simple_mail(), FILE)
-    with sessions.begin() as session:  # three earlier attempts that never finished
-        session.get_one(InboundMessage, inbound_id).attempts = 3
+    leave_lease(sessions, inbound_id, dead_owner(), interruptions=2)
     assert process(pipeline, inbound_id) == MessageStatus.FAILED
     with sessions() as session:
         row = session.get_one(InboundMessage, inbound_id)
-        assert (row.fail_stage, row.attempts) == ("interrupted", 4)
+        assert (row.fail_stage, row.interruptions, row.lease_owner) == ("interrupted", 0, None)
         assert "interrupted 3 times" in (row.error or "")
     assert process(pipeline, inbound_id) == MessageStatus.TICKET  # a replay, once fixed
 
 
-def test_an_interrupted_attempt_is_simply_tried_again(pipeline, sessions):
+def test_a_lease_left_by_a_dead_process_is_taken_over_at_once(pipeline, sessions):
     inbound_id = receive(sessions, simple_mail(), FILE)
-    with sessions.begin() as session:
-        session.get_one(InboundMessage, inbound_id).attempts = 1
+    leave_lease(sessions, inbound_id, dead_owner())
     assert process(pipeline, inbound_id) == MessageStatus.TICKET
+    with sessions() as session:
+        row = session.get_one(InboundMessage, inbound_id)
+        assert (row.attempts, row.interruptions, row.lease_owner) == (1, 0, None)
+
+
+def test_a_message_held_by_a_live_process_is_left_to_it_until_its_lease_ends(pipeline, sessions):
+    inbound_id = receive(sessions, simple_mail(), FILE)
+    live = f"{socket.gethostname()[:200]}:{os.getppid()}:1"
+    leave_lease(sessions, inbound_id, live)
+    assert process(pipeline, inbound_id) is None
+    with sessions.begin() as session:
+        row = session.get_one(InboundMessage, inbound_id)
+        assert (row.status, row.attempts) == ("received", 0)
+        row.lease_until = datetime.now(UTC) - timedelta(seconds=1)
+    assert process(pipeline, inbound_id) == MessageStatus.TICKET
+
+
+def test_processes_racing_on_one_message_count_one_attempt_and_no_failure(pipeline, sessions):
+    inbound_id = receive(sessions, simple_mail(), FILE)
+    start = threading.Barrier(6)
+
+    def race() -> MessageStatus | None:
+        start.wait()
+        return process(pipeline, inbound_id)
+
+    with ThreadPoolExecutor(6) as pool:
+        fates = list(pool.map(lambda _: race(), range(6)))
+    assert fates.count(MessageStatus.TICKET) == 1
+    assert set(fates) <= {MessageStatus.TICKET, None}
+    with sessions() as session:
+        row = session.get_one(InboundMessage, inbound_id)
+        assert (row.status, row.attempts, row.interruptions) == ("ticket", 1, 0)
+        outcomes = session.scalars(select(ProcessingAttempt.outcome)).all()
+        assert outcomes == ["ticket"]
 
 
 def test_a_duplicate_is_recognised_before_routing(settings, sessions):
