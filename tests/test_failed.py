@@ -26,9 +26,9 @@ from ingest.mail import Envelope
 from ingest.pipeline import PipelineContext, process
 from ingest.replay import SKIPPED, parse_since, replay, retry_due
 from ingest.service import ProcessingWorker
-from storage import db, repo
+from storage import db
 from storage.models import InboundMessage, MessageStatus, ProcessingAttempt, Ticket
-from tests.mails import simple_mail
+from tests.mails import UNFETCHED_REASON, add_unfetched_row, simple_mail
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE = Envelope(source="file")
@@ -389,20 +389,11 @@ def test_outdated_schema_exits_3_and_downgrade_keeps_discarded_rows(tmp_path, mo
 
 
 def test_replay_counts_a_never_fetched_message_as_still_failed(cli, sessions):
-    with sessions.begin() as session:
-        inbound_id = repo.add_unfetched(
-            session,
-            source="imap",
-            size=90_000_000,
-            message_id="<huge@example.com>",
-            dedupe_key="imap:inquiry:INBOX:1:7",
-            envelope={"account": "inquiry", "uid": 7},
-            error="message is 90000000 bytes, over the limit",
-        )
+    inbound_id = add_unfetched_row(sessions)
     result = cli("failed", "replay", "--all", "--json")
     assert result.exit_code == 1
     assert json.loads(result.stdout)["still_failed"] == [inbound_id]
-    assert row(sessions, inbound_id).error == "message is 90000000 bytes, over the limit"
+    assert row(sessions, inbound_id).error == UNFETCHED_REASON
     assert cli("failed", "discard", str(inbound_id), "--reason", "saved by hand").exit_code == 0
     assert cli("failed", "replay", "--all").exit_code == 0  # nothing left that fails
 

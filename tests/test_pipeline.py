@@ -17,7 +17,6 @@ from ingest.intake import receive
 from ingest.mail import Envelope
 from ingest.pipeline import PipelineContext, process, process_pending
 from rules.defaults import default_decision
-from storage import repo
 from storage.models import (
     AttachmentBlob,
     InboundMessage,
@@ -27,7 +26,7 @@ from storage.models import (
     TicketComment,
 )
 from tests.conftest import DATA
-from tests.mails import simple_mail
+from tests.mails import UNFETCHED_REASON, add_unfetched_row, simple_mail
 
 FILE = Envelope(source="file")
 
@@ -162,21 +161,12 @@ def test_attachment_content_is_stored_once_per_sha256(pipeline, sessions):
 
 
 def test_a_message_never_fetched_is_not_processed_and_keeps_its_reason(pipeline, sessions):
-    with sessions.begin() as session:
-        inbound_id = repo.add_unfetched(
-            session,
-            source="imap",
-            size=90_000_000,
-            message_id="<huge@example.com>",
-            dedupe_key="mid:<huge@example.com>#x",
-            envelope={"account": "inquiry"},
-            error="message is 90000000 bytes, over the limit",
-        )
+    inbound_id = add_unfetched_row(sessions)
     assert process(pipeline, inbound_id) is None
     with sessions() as session:
         row = session.get_one(InboundMessage, inbound_id)
         assert (row.status, row.fail_stage, row.attempts) == ("failed", "fetch", 0)
-        assert row.error == "message is 90000000 bytes, over the limit"
+        assert row.error == UNFETCHED_REASON
 
 
 def dead_owner() -> str:
