@@ -26,21 +26,25 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import ConfigError, Settings, load_settings
-from ingest.attempts import short_error
-from ingest.files import STDIN, MessageSource
-from ingest.imap import Hooks, folder_fetchers
-from ingest.intake import receive
-from ingest.mail import Envelope, IncomingMail
+from ingest.headers import decoded_headers
+from ingest.intake import receive, unstored_mail
+from ingest.mail import Envelope
 from ingest.parse import UnreadableMail
-from ingest.pipeline import MessageTooLarge, PipelineContext, examine, process, process_pending
-from ingest.replay import discard, first_header, headers_of, parse_since, replay, select_failed
-from ingest.service import ListenerError, Service, serve_until_signalled
-from rules.dryrun import DryRouter, decision_view, diff
+from pipeline.context import PipelineContext
+from pipeline.dryrun import DryRouter, diff
+from pipeline.process import process, process_pending
+from pipeline.replay import discard, parse_since, replay, select_failed
+from pipeline.stages import MessageTooLarge, examine
 from rules.engine import CompiledRules, RulesRouter
 from rules.load import RulesError, load_rules
 from rules.reload import RulesHolder, watch_rules
+from sources.files import STDIN, MessageSource
+from sources.imap import Hooks, folder_fetchers
+from sources.service import ListenerError, Service, serve_until_signalled
 from storage import db, repo
-from storage.models import InboundMessage, MessageStatus, ProcessingAttempt, Ticket, utcnow
+from storage.models import Fate, InboundMessage, Stage, utcnow
+from views.mail import explained, parsed_view, rules_summary
+from views.records import failed_view, history_of, iso, message_view, ticket_view
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -85,9 +89,9 @@ class Runtime:
         is taken in, rather than failing every message."""
         holder = self.rules_holder()
         if holder is None:
-            ctx = PipelineContext.with_default_routing(self.settings, self.sessions)
+            ctx = PipelineContext(self.settings, self.sessions)
         else:
-            router = RulesRouter(holder.current, self.settings.tickets)
+            router = RulesRouter(holder.current)
             ctx = PipelineContext(self.settings, self.sessions, router)
         try:
             ctx.source_templates()
@@ -186,75 +190,6 @@ def progress_bar(label: str) -> Progress:
     )
 
 
-def iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def ticket_view(ticket: Ticket) -> dict[str, Any]:
-    return {
-        "key": ticket.key,
-        "created_at": iso(ticket.created_at),
-        "source_kind": ticket.source_kind,
-        "category": ticket.category,
-        "subject": ticket.subject,
-        "requester_name": ticket.requester_name,
-        "requester_email": ticket.requester_email,
-        "requester_phone": ticket.requester_phone,
-        "requester_company": ticket.requester_company,
-        "assignee": ticket.assignee,
-        "priority": ticket.priority,
-        "status": ticket.status,
-        "due_at": iso(ticket.due_at),
-        "labels": ticket.labels,
-        "fields": ticket.fields,
-        "rule_names": ticket.rule_names,
-        "rules_version": ticket.rules_version,
-        "inbound_message_id": ticket.inbound_message_id,
-    }
-
-
-def message_view(message: InboundMessage) -> dict[str, Any]:
-    return {
-        "id": message.id,
-        "received_at": iso(message.received_at),
-        "source": message.source,
-        "message_id": message.message_id,
-        "mail_from": message.mail_from,
-        "rcpt_to": message.rcpt_to,
-        "peer": message.peer,
-        "size": message.size,
-        "sha256": message.sha256,
-        "status": message.status,
-        "fail_stage": message.fail_stage,
-        "error": message.error,
-        "attempts": message.attempts,
-        "processed_at": iso(message.processed_at),
-        "drop_reason": message.drop_reason,
-        "defects": message.defects,
-        "ticket_id": message.ticket_id,
-        "duplicate_of_id": message.duplicate_of_id,
-        "next_attempt_at": iso(message.next_attempt_at),
-        "discard_reason": message.discard_reason,
-    }
-
-
-def attempt_view(attempt: ProcessingAttempt) -> dict[str, Any]:
-    return {
-        "attempted_at": iso(attempt.attempted_at),
-        "outcome": attempt.outcome,
-        "stage": attempt.stage,
-        "error": short_error(attempt.error),
-        "host": attempt.host,
-        "pid": attempt.pid,
-        "username": attempt.username,
-        "command": attempt.command,
-    }
-
-
-def history_of(session: Session, inbound_id: int) -> list[dict[str, Any]]:
-    return [attempt_view(a) for a in repo.attempts_of(session, inbound_id)]
-
-
 def print_history(history: list[dict[str, Any]]) -> None:
     out.print("[bold]history[/bold]:")
     for entry in history:
@@ -275,7 +210,18 @@ def print_json(data: Any) -> None:
 def print_fields(view: dict[str, Any], names: Iterable[str]) -> None:
     """`name: value` lines for a human; values are printed literally, never as markup."""
     for name in names:
-        out.print(f"[bold]{name}[/bold]: {escape(str(view[name]))}", highlight=False)
+        out.print(f"[bold]{name}[/bold]: {escape(readable(view[name]))}", highlight=False)
+
+
+def readable(value: Any) -> str:
+    """A value as a person reads it: lists comma-separated, mappings as `key=value`, no reprs."""
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(readable(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={readable(v)}" for k, v in value.items())
+    return str(value)
 
 
 def print_rows(
@@ -330,7 +276,7 @@ def ingest(
         err.print(f"not stored, the sender should retry (exit 75): {exc!r}")
         raise typer.Exit(EX_TEMPFAIL) from exc
     print_fates(run.fates, json_output)
-    if run.fates.get(MessageStatus.FAILED.value) and not from_mta:
+    if run.fates.get(Fate.FAILED.value) and not from_mta:
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -361,9 +307,9 @@ def ingest_sources(ctx: typer.Context, sources: list[MessageSource], run: Ingest
 
 def print_fates(fates: Counter[str], json_output: bool, **extra: Any) -> None:
     """The summary of a run: how many messages met each fate, and how many were read."""
-    summary: dict[str, Any] = {s.value: fates.get(s.value, 0) for s in MessageStatus}
-    summary.pop(MessageStatus.RECEIVED.value)
-    summary.pop(MessageStatus.DISCARDED.value)
+    summary: dict[str, Any] = {s.value: fates.get(s.value, 0) for s in Fate}
+    summary.pop(Fate.RECEIVED.value)
+    summary.pop(Fate.DISCARDED.value)
     summary["read"] = sum(fates.values())
     if json_output:
         print_json(summary | extra)
@@ -407,7 +353,7 @@ def fetch(
             bar.advance(task)
 
         def unfetched(_inbound_id: int) -> None:
-            fates[MessageStatus.FAILED.value] += 1
+            fates[Fate.FAILED.value] += 1
             bar.advance(task)
 
         def found(count: int) -> None:
@@ -422,39 +368,8 @@ def fetch(
     for error in errors:
         err.print(f"[red]error:[/red] {escape(error)}", highlight=False)
     print_fates(fates, json_output, errors=errors)
-    if errors or fates.get(MessageStatus.FAILED.value):
+    if errors or fates.get(Fate.FAILED.value):
         raise typer.Exit(EXIT_FAILED)
-
-
-def parsed_view(mail: IncomingMail) -> dict[str, Any]:
-    """What the pipeline read from a message, before any rule or database."""
-    parsed = mail.parsed
-    assert parsed is not None
-    return {
-        "message_id": parsed.message_id,
-        "subject": parsed.subject,
-        "from": {"name": parsed.from_name, "email": parsed.from_email},
-        "date": iso(parsed.date),
-        "headers": [[name, value] for name, value in parsed.headers],
-        "source_kind": mail.source_kind,
-        "auto_reply": mail.auto_reply,
-        "fields": mail.fields,
-        "text": parsed.text,
-        "reply_text": parsed.reply_text if parsed.reply_text != parsed.text else None,
-        "html": parsed.html,
-        "attachments": [
-            {
-                "filename": a.filename,
-                "original_filename": a.original_filename,
-                "content_type": a.content_type,
-                "size": len(a.content),
-                "inline": a.inline,
-                "content_id": a.content_id,
-            }
-            for a in parsed.attachments
-        ],
-        "defects": parsed.defects,
-    }
 
 
 @app.command("parse")
@@ -470,12 +385,12 @@ def parse_file(
     except OSError as exc:
         raise fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_USAGE) from exc
     # An unbound session factory: the stages `examine` runs never touch the database.
-    pipeline = PipelineContext.with_default_routing(settings_of(ctx), sessionmaker())
+    pipeline = PipelineContext(settings_of(ctx), sessionmaker())
     try:
         pipeline.source_templates()
     except ConfigError as exc:
         raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
-    mail = IncomingMail(0, raw, Envelope(source="file", extra={"origin": str(path)}), utcnow())
+    mail = unstored_mail(raw, Envelope(source="file", extra={"origin": str(path)}), utcnow())
     try:
         examine(mail, pipeline)
     except (UnreadableMail, MessageTooLarge) as exc:
@@ -594,13 +509,7 @@ SinceOption = Annotated[
     str | None,
     typer.Option(help="Received within 2d, 12h, 30m, 1w, or since an ISO date (2026-11-20)."),
 ]
-StageOption = Annotated[
-    str | None,
-    typer.Option(
-        help="Failed at this stage: parse, detect, extract, claim, route, store, interrupted "
-        "or fetch."
-    ),
-]
+StageOption = Annotated[Stage | None, typer.Option(help="Failed at this stage.")]
 ErrorOption = Annotated[
     str | None, typer.Option(help="The error text contains this (case-insensitive).")
 ]
@@ -618,23 +527,6 @@ def failed_filter(
     except ValueError as exc:
         raise fail(f"--since: {exc}", EXIT_USAGE) from exc
     return repo.FailedFilter(since=moment, stage=stage, error=error, source=source)
-
-
-def failed_view(message: InboundMessage, raw_head: bytes) -> dict[str, Any]:
-    headers = headers_of(raw_head)
-    return {
-        "id": message.id,
-        "received_at": iso(message.received_at),
-        "source": message.source,
-        "message_id": message.message_id,
-        "from": first_header(headers, "From") or message.mail_from,
-        "subject": first_header(headers, "Subject"),
-        "stage": message.fail_stage,
-        "error": short_error(message.error),
-        "attempts": message.attempts,
-        "failed_at": iso(message.processed_at),
-        "next_attempt_at": iso(message.next_attempt_at),
-    }
 
 
 def ledger_message(session: Session, ref: str) -> InboundMessage:
@@ -674,7 +566,7 @@ def failed_show(
         message = ledger_message(session, ref)
         view = message_view(message) | {
             "envelope": message.envelope,
-            "headers": [[name, value] for name, value in headers_of(message.raw)],
+            "headers": [[name, value] for name, value in decoded_headers(message.raw)],
             "history": history_of(session, message.id),
         }
     if json_output:
@@ -847,23 +739,6 @@ def load_rules_or_exit(path: Path, code: int = EXIT_FAILED) -> CompiledRules:
         raise typer.Exit(code) from exc
 
 
-def rules_summary(rules: CompiledRules) -> dict[str, Any]:
-    source = rules.source
-    return {
-        "path": str(rules.path),
-        "version": rules.version,
-        "rules": [{"name": r.name, "line": r.line} for r in rules.rules],
-        "people": list(source.people),
-        "teams": {
-            name: {"members": team.members, "strategy": team.strategy}
-            for name, team in source.teams.items()
-        },
-        "categories": source.categories,
-        "priorities": source.priorities,
-        "warnings": rules.warnings,
-    }
-
-
 @rules_app.command("check")
 def rules_check(
     ctx: typer.Context,
@@ -887,27 +762,10 @@ def rules_check(
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
-def explained(path: Path, mail: IncomingMail, evaluation: Any) -> dict[str, Any]:
-    parsed, decision = mail.parsed, mail.decision
-    assert parsed is not None and decision is not None
-    return {
-        "file": str(path),
-        "message_id": parsed.message_id,
-        "subject": parsed.subject,
-        "from": parsed.from_email,
-        "source_kind": mail.source_kind,
-        "fields": json.loads(json.dumps(mail.fields, default=str, ensure_ascii=False)),
-        "auto_reply": mail.auto_reply,
-        "follow_up_ticket_id": mail.follow_up_ticket_id,
-        "rules": evaluation.to_dict()["rules"],
-        "decision": decision_view(decision),
-    }
-
-
 def print_explained(result: dict[str, Any]) -> None:
     say = partial(out.print, highlight=False, soft_wrap=True)
     say(f"[bold]{escape(result['file'])}[/bold] {escape(result['subject'])}")
-    facts = ["from", "source_kind", "auto_reply", "follow_up_ticket_id"]
+    facts = ["from", "source_kind", "auto_reply", "follow_up_ticket_id", "fate", "drop_reason"]
     say("  " + "  ".join(f"{k}: {result[k]}" for k in facts), markup=False)
     marks = {"applied": "[green]✓ applied[/green]", "missed": "[dim]✗ missed[/dim]"}
     for rule in result["rules"]:
@@ -944,9 +802,7 @@ def rules_test(
                 raw = path.read_bytes()
             except OSError as exc:
                 raise fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_USAGE) from exc
-            mail = IncomingMail(
-                0, raw, Envelope(source="file", extra={"origin": str(path)}), moment
-            )
+            mail = unstored_mail(raw, Envelope(source="file", extra={"origin": str(path)}), moment)
             evaluation = router.route(mail)
             results.append(explained(path, mail, evaluation))
     if json_output:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import re2
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,6 +25,22 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
+
+
+def re2_options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # the error goes into our message, not onto stderr
+    return options
+
+
+def compile_regex(pattern: str) -> re2._Regexp:
+    """Compile with RE2 (linear time, so no pattern can hang intake); errors in plain words."""
+    try:
+        return re2.compile(pattern, re2_options())
+    except re2.error as exc:
+        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(f"bad regular expression `{pattern}`: {detail}") from None
+
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
 CONFIG_ENV_VAR = "MAILINTAKE_CONFIG"

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 from config import Settings
 from ingest.intake import receive
 from ingest.mail import Envelope
-from ingest.pipeline import PipelineContext, process
+from pipeline.process import PipelineContext, process
 from storage import db
 
 
@@ -38,7 +38,7 @@ def run(url: str, count: int) -> None:
     engine = db.make_engine(url)
     db.upgrade(engine)
     sessions = db.make_session_factory(engine)
-    ctx = PipelineContext.with_default_routing(Settings(database={"url": url}), sessions)
+    ctx = PipelineContext(Settings(database={"url": url}), sessions)
     mails = [sample(n) for n in range(count)]
     latencies = []
     start = time.perf_counter()

@@ -24,9 +24,8 @@ import phonenumbers
 import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from config import ConfigError, describe_validation_error, load_yaml
+from config import ConfigError, compile_regex, describe_validation_error, load_yaml
 from ingest.mail import IncomingMail, ParsedMail
-from rules.schema import compile_regex
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ INTEGER_RE = re.compile(r"\d+")
 FieldType = Literal["text", "name", "phone", "email", "datetime", "integer"]
 
 
-def normalise(text: str) -> str:
+def label_key(text: str) -> str:
     """The form used to compare labels: NFKC (full-width -> half-width), no spaces, lower case."""
     return "".join(unicodedata.normalize("NFKC", text).split()).lower()
 
@@ -121,7 +120,7 @@ class FieldSpec(Model):
 
     @cached_property
     def normalised_labels(self) -> frozenset[str]:
-        return frozenset(normalise(label) for label in self.labels)
+        return frozenset(label_key(label) for label in self.labels)
 
 
 class Template(Model):
@@ -163,7 +162,7 @@ def _split_label(line: str) -> list[tuple[str, str]]:
 def _label_of(line: str, labels: frozenset[str]) -> tuple[str, str] | None:
     """(normalised label, value as written) when `line` starts with one of `labels`."""
     for label, value in _split_label(line):
-        key = normalise(LABEL_DECORATION.sub("", label))
+        key = label_key(LABEL_DECORATION.sub("", label))
         if key and key in labels:
             return key, value.strip()
     return None

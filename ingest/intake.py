@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import re
-from email.parser import BytesHeaderParser
-from email.policy import compat32
+from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest.mail import Envelope
-from storage.models import InboundMessage, MessageStatus
-
-MESSAGE_ID_RE = re.compile(r"<[^<>\s]+>")
-IDENTITY_HEADERS = ("From", "Date", "Subject")
-
-
-def identity_of(raw: bytes, sha256: str) -> tuple[str | None, str]:
-    """The Message-ID and the dedupe key of a message, from its header block only.
-
-    Two deliveries are the same message when Message-ID, From, Date and Subject agree (relays
-    add trace headers, so the bytes differ); without a Message-ID, when the bytes are identical.
-    Comparing more than the Message-ID keeps distinct mails from mailers that reuse one.
-    """
-    headers = BytesHeaderParser(policy=compat32).parsebytes(raw.removeprefix(b"\xef\xbb\xbf"))
-    found = MESSAGE_ID_RE.search(str(headers.get("Message-ID") or ""))
-    if not found:
-        return None, f"sha256:{sha256}"
-    message_id = found.group(0)
-    identity = "\n".join(
-        [message_id, *(" ".join(str(headers.get(h) or "").split()) for h in IDENTITY_HEADERS)]
-    )
-    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
-    return message_id, f"mid:{digest}"
+from ingest.headers import identity_of
+from ingest.mail import Envelope, IncomingMail
+from storage.models import Fate, InboundMessage
 
 
 def receive(sessions: sessionmaker[Session], raw: bytes, envelope: Envelope) -> int:
@@ -53,8 +30,15 @@ def receive(sessions: sessionmaker[Session], raw: bytes, envelope: Envelope) -> 
         rcpt_to=list(envelope.rcpt_to),
         peer=envelope.peer,
         envelope=envelope.extra,
-        status=MessageStatus.RECEIVED,
+        status=Fate.RECEIVED,
     )
     with sessions.begin() as session:
         session.add(row)
     return row.id
+
+
+def unstored_mail(raw: bytes, envelope: Envelope, received_at: datetime) -> IncomingMail:
+    """An IncomingMail for bytes that are not in the ledger (`parse`, `rules test`, benches):
+    ledger id 0, with the dedupe key a stored copy would have."""
+    _message_id, key = identity_of(raw, hashlib.sha256(raw).hexdigest())
+    return IncomingMail(0, raw, envelope, received_at, key)

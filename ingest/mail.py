@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from sqlalchemy.orm import Session
+
+from storage.models import Fate, Stage
 
 
 @dataclass(frozen=True)
@@ -56,19 +61,31 @@ class ParsedMail:
 
 @dataclass
 class Decision:
-    """What routing decided for a message."""
+    """What routing decided for a message. Unset attributes take the `tickets:` defaults;
+    whether it becomes a ticket at all is the pipeline's one decision, made after routing."""
 
-    source_kind: str = "email"
     category: str | None = None
-    assignee: str | None = None
-    priority: str = "normal"
+    assignee: str | None = None  # a person, or a team's name until `assign` picks a member
+    priority: str | None = None
     due_at: datetime | None = None
     labels: list[str] = field(default_factory=list)
     fields: dict[str, Any] = field(default_factory=dict)
-    rule_names: list[str] = field(default_factory=list)
+    rule_hits: list[str] = field(default_factory=list)  # the rules that matched and applied
+    rule_misses: list[str] = field(default_factory=list)  # the rules tried that did not match
     rules_version: str | None = None
     drop_reason: str | None = None
     allow_auto_reply: bool = False  # a rule may let an auto-reply open a ticket
+    # Picks the team member for a new ticket (round-robin takes a turn); the pipeline calls it
+    # only once the message will certainly open a ticket.
+    assign: Callable[[Session], str] | None = None
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """An earlier delivery of the same message that already made its ticket or comment."""
+
+    inbound_id: int
+    ticket_id: int | None
 
 
 @dataclass
@@ -79,11 +96,15 @@ class IncomingMail:
     raw: bytes
     envelope: Envelope
     received_at: datetime
-    dedupe_key: str = ""  # see intake.identity_of; two deliveries with one key are one message
+    dedupe_key: str  # see ingest.headers.identity_of; two deliveries with one key are one message
     parsed: ParsedMail | None = None
     source_kind: str = "email"  # phone, fax, webform or email, from the matching template
     fields: dict[str, Any] = field(default_factory=dict)  # extracted from the template
     auto_reply: str | None = None  # why it is an auto-reply/bounce/loop, if it is one
+    duplicate_of: Earlier | None = None
     follow_up_ticket_id: int | None = None  # the ticket this mail answers
     decision: Decision | None = None
-    stage: str = "received"  # the pipeline stage running now; names where a failure happened
+    fate: Fate | None = None  # decided once, by the pipeline's `decide` stage (or `dedupe`)
+    drop_reason: str | None = None  # why, when the fate is `dropped`
+    stage: Stage | None = None  # the stage running now; names where a failure happened
+    lease_owner: str | None = None  # the processing lease held while the stages run

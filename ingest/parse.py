@@ -13,7 +13,6 @@ import unicodedata
 from collections.abc import Iterator
 from datetime import datetime
 from email import message_from_bytes
-from email.header import decode_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 from pathlib import PurePosixPath
@@ -23,17 +22,14 @@ import mailparser
 from inscriptis import get_text
 
 from ingest.charsets import decode_bytes
+from ingest.headers import BOM, decode_header_value, message_ids, raw_header, raw_headers, unfold
 from ingest.mail import MailAttachment, ParsedMail
 
-MSGID_RE = re.compile(r"<[^<>\s\x00-\x1f\x7f]+>")
 FILENAME_FORBIDDEN = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
-# A folded header line continues after CRLF + whitespace; unfolded before decoding.
-FOLDING = re.compile(r"\r?\n[ \t]")
 # The start of each parameter in a header; values between are taken whole, so an unquoted
 # RFC 2231 value with `;` or `"` inside (seen from Japanese mailers) stays in one piece.
 PARAM_START = re.compile(r";\s*([A-Za-z0-9_.-]+?)(\*\d+)?(\*)?\s*=")
-BOM = b"\xef\xbb\xbf"
 MAX_DEPTH = 32  # MIME nesting beyond this is not read (attachment bombs, endless nesting)
 # Transfer encodings RFC 2046 forbids on message/rfc822, but which some mailers still use.
 ENCODED_TRANSFER = {"base64", "quoted-printable"}
@@ -41,55 +37,6 @@ ENCODED_TRANSFER = {"base64", "quoted-printable"}
 
 class UnreadableMail(ValueError):
     """The bytes are not an email message at all."""
-
-
-def decode_header_value(value: str | None, defects: list[str]) -> str:
-    """Decode RFC 2047 encoded words and raw 8-bit bytes (kept as surrogates) in one value.
-
-    Adjacent encoded words in one charset are joined before decoding, so a character split
-    across two words (common in Japanese subjects) comes out whole.
-    """
-    if value is None:
-        return ""
-    value = FOLDING.sub(" ", str(value))
-    try:
-        chunks = decode_header(value)
-    except (ValueError, LookupError, AssertionError):
-        defects.append(f"malformed encoded word in header: {value[:80]!r}")
-        chunks = [(value, None)]
-    parts = []
-    for chunk, charset in chunks:
-        raw = _chunk_bytes(chunk, charset, eight_bit=not value.isascii())
-        text, found = decode_bytes(raw, charset)
-        defects.extend(f"header: {d}" for d in found)
-        parts.append(text)
-    return " ".join("".join(parts).split())
-
-
-def _chunk_bytes(chunk: bytes | str, charset: str | None, eight_bit: bool) -> bytes:
-    """The bytes of one `decode_header` chunk. Beside encoded words, `decode_header` returns the
-    other text as `raw-unicode-escape` bytes, in which a raw 8-bit byte (kept as a surrogate)
-    reads `\\udce3`: that is undone here. Only for values with 8-bit text, so that a literal
-    `\\u` in an ASCII header stays as written."""
-    if isinstance(chunk, str):
-        return chunk.encode("utf-8", "surrogateescape")
-    if charset is None and eight_bit:
-        return chunk.decode("raw-unicode-escape").encode("utf-8", "surrogateescape")
-    return chunk
-
-
-def raw_header(part: Message, name: str) -> str | None:
-    """The undecoded value of header `name`; 8-bit bytes stay as surrogate escapes.
-
-    `Message.get` would turn such a value into an `email.header.Header` whose text has lost them.
-    """
-    wanted = name.lower()
-    return next((str(v) for k, v in part.raw_items() if k.lower() == wanted), None)
-
-
-def _raw_headers(part: Message, name: str) -> list[str]:
-    wanted = name.lower()
-    return [str(v) for k, v in part.raw_items() if k.lower() == wanted]
 
 
 def _addresses(values: list[str], defects: list[str]) -> list[tuple[str, str]]:
@@ -102,10 +49,6 @@ def _addresses(values: list[str], defects: list[str]) -> list[tuple[str, str]]:
         for name, addr in getaddresses(readable)
         if addr
     ]
-
-
-def _message_ids(value: str | None) -> list[str]:
-    return MSGID_RE.findall(value or "")
 
 
 def _date(value: str | None) -> datetime | None:
@@ -146,7 +89,7 @@ def _params(header: str | None) -> Iterator[tuple[str, int | None, bool, str]]:
     value stay surrogate escapes: `Message.get_param` would turn them into U+FFFD."""
     if not header:
         return
-    text = FOLDING.sub(" ", ";" + header)
+    text = unfold(";" + header)
     starts = list(PARAM_START.finditer(text))
     for i, found in enumerate(starts):
         end = starts[i + 1].start() if i + 1 < len(starts) else len(text)
@@ -333,21 +276,21 @@ def parse(raw: bytes) -> ParsedMail:
     if not text and html:
         text = html_to_text(html)
 
-    senders = _addresses(_raw_headers(msg, "From"), defects)
+    senders = _addresses(raw_headers(msg, "From"), defects)
     from_name, from_email = senders[0] if senders else (None, None)
     return ParsedMail(
-        message_id=next(iter(_message_ids(raw_header(msg, "Message-ID"))), None),
+        message_id=next(iter(message_ids(raw_header(msg, "Message-ID"))), None),
         subject=_header_text(msg, "Subject", defects),
         from_name=from_name or None,
         from_email=from_email.lower() if from_email else None,
-        to=[a for _, a in _addresses(_raw_headers(msg, "To"), defects)],
-        cc=[a for _, a in _addresses(_raw_headers(msg, "Cc"), defects)],
+        to=[a for _, a in _addresses(raw_headers(msg, "To"), defects)],
+        cc=[a for _, a in _addresses(raw_headers(msg, "Cc"), defects)],
         date=_date(raw_header(msg, "Date")),
         headers=[(k, decode_header_value(str(v), defects)) for k, v in msg.raw_items()],
         text=text,
         html=html,
         attachments=walker.attachments,
-        in_reply_to=_message_ids(raw_header(msg, "In-Reply-To")),
-        references=_message_ids(raw_header(msg, "References")),
+        in_reply_to=message_ids(raw_header(msg, "In-Reply-To")),
+        references=message_ids(raw_header(msg, "References")),
         defects=list(dict.fromkeys(defects)),
     )

@@ -15,8 +15,9 @@ from datetime import date, time
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from config import compile_regex
 
 SOURCE_KINDS = ("phone", "fax", "webform", "email")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -28,21 +29,6 @@ Strategy = Literal["fixed", "round_robin", "least_open"]
 Verdict = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WORKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri")
-
-
-def re2_options() -> re2.Options:
-    options = re2.Options()
-    options.log_errors = False  # the error goes into our message, not onto stderr
-    return options
-
-
-def compile_regex(pattern: str) -> re2._Regexp:
-    """Compile with RE2 (linear time, so no pattern can hang intake); errors in plain words."""
-    try:
-        return re2.compile(pattern, re2_options())
-    except re2.error as exc:
-        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
-        raise ValueError(f"bad regular expression `{pattern}`: {detail}") from None
 
 
 class Strict(BaseModel):

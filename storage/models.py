@@ -69,8 +69,8 @@ class Base(DeclarativeBase):
     }
 
 
-class MessageStatus(enum.StrEnum):
-    """The fate of an inbound message. `received` means not processed yet."""
+class Fate(enum.StrEnum):
+    """What became of an inbound message (the ledger's `status`); `received`: nothing yet."""
 
     RECEIVED = "received"
     TICKET = "ticket"
@@ -79,6 +79,31 @@ class MessageStatus(enum.StrEnum):
     DROPPED = "dropped"
     FAILED = "failed"
     DISCARDED = "discarded"  # a failure an admin chose not to replay; row and raw bytes stay
+
+
+PROCESSABLE = (Fate.RECEIVED, Fate.FAILED)  # what processing may (still) work on
+WITH_RECORD = (Fate.TICKET, Fate.COMMENT)  # the fates that wrote a ticket or a comment
+
+
+class Stage(enum.StrEnum):
+    """Where a message is on its way, and so where a failure happened (`fail_stage`).
+
+    In pipeline order; `pipeline.process.STAGES` runs PARSE to STORE. FETCH is the IMAP fetch
+    before the ledger has the bytes; INTERRUPTED marks a message whose processing kept dying.
+    """
+
+    FETCH = "fetch"
+    PARSE = "parse"
+    DETECT = "detect"
+    EXTRACT = "extract"
+    CLAIM = "claim"
+    DEDUPE = "dedupe"
+    FOLLOW_UP = "follow_up"
+    ROUTE = "route"
+    DECIDE = "decide"
+    ASSIGN = "assign"
+    STORE = "store"
+    INTERRUPTED = "interrupted"
 
 
 class InboundMessage(Base):
@@ -98,13 +123,17 @@ class InboundMessage(Base):
     rcpt_to: Mapped[list[str]] = mapped_column(default=list)
     peer: Mapped[str | None] = mapped_column(ClippedString(255))
     envelope: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    status: Mapped[str] = mapped_column(String(16), default=MessageStatus.RECEIVED)
+    status: Mapped[str] = mapped_column(String(16), default=Fate.RECEIVED)
     fail_stage: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     processed_at: Mapped[datetime | None]
     drop_reason: Mapped[str | None] = mapped_column(Text)
     defects: Mapped[list[str]] = mapped_column(default=list)
+    # The routing rules that matched (and applied) and those tried that did not, for every fate
+    # that was routed: a dropped mail names the rule that dropped it.
+    rule_hits: Mapped[list[str]] = mapped_column(default=list, server_default="[]")
+    rule_misses: Mapped[list[str]] = mapped_column(default=list, server_default="[]")
     ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
     next_attempt_at: Mapped[datetime | None]  # when a transient failure is retried by itself
@@ -226,7 +255,7 @@ class ProcessingAttempt(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_messages.id"), index=True)
     attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
-    outcome: Mapped[str] = mapped_column(String(16))  # a MessageStatus value
+    outcome: Mapped[str] = mapped_column(String(16))  # a Fate value
     stage: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
     host: Mapped[str] = mapped_column(String(255))

@@ -14,20 +14,20 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
 
 from storage.models import (
+    PROCESSABLE,
+    WITH_RECORD,
     AssignmentCursor,
     Attachment,
     AttachmentBlob,
+    Fate,
     ImapCheckpoint,
     InboundMessage,
-    MessageStatus,
     ProcessingAttempt,
+    Stage,
     Ticket,
     utcnow,
 )
 
-PROCESSABLE = (MessageStatus.RECEIVED, MessageStatus.FAILED)
-UNFETCHED_STAGE = "fetch"  # failed before we had the bytes (IMAP: too large, refused by server)
-DONE_WITH_RECORD = (MessageStatus.TICKET, MessageStatus.COMMENT)
 RELEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None, "interruptions": 0}
 
 
@@ -112,7 +112,7 @@ def mark_failed(
             InboundMessage.lease_owner == owner,
         )
         .values(
-            status=MessageStatus.FAILED,
+            status=Fate.FAILED,
             fail_stage=stage,
             error=error,
             processed_at=failed_at,
@@ -127,7 +127,7 @@ def mark_failed(
 def schedule_retry(session: Session, inbound_id: int, at: datetime) -> None:
     session.execute(
         update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.status == MessageStatus.FAILED)
+        .where(InboundMessage.id == inbound_id, InboundMessage.status == Fate.FAILED)
         .values(next_attempt_at=at)
     )
 
@@ -136,7 +136,7 @@ def pending_ids(session: Session, limit: int | None = None) -> Sequence[int]:
     """Messages received but not processed yet (new, or left over by a crash), oldest first."""
     query = (
         select(InboundMessage.id)
-        .where(InboundMessage.status == MessageStatus.RECEIVED)
+        .where(InboundMessage.status == Fate.RECEIVED)
         .order_by(InboundMessage.id)
         .limit(limit)
     )
@@ -153,7 +153,7 @@ def first_record_of(
         .where(
             InboundMessage.dedupe_key == dedupe_key,
             InboundMessage.id != before_id,
-            InboundMessage.status.in_(DONE_WITH_RECORD),
+            InboundMessage.status.in_(WITH_RECORD),
         )
         .order_by(InboundMessage.id)
         .limit(1)
@@ -169,7 +169,7 @@ def ticket_for_message_ids(session: Session, message_ids: Sequence[str]) -> int 
         select(InboundMessage.ticket_id)
         .where(
             InboundMessage.message_id.in_(message_ids),
-            InboundMessage.status.in_(DONE_WITH_RECORD),
+            InboundMessage.status.in_(WITH_RECORD),
         )
         .order_by(InboundMessage.id.desc())
         .limit(1)
@@ -198,13 +198,16 @@ def save_blob(session: Session, sha256: str, content: bytes) -> None:
 def set_fate(
     session: Session,
     inbound_id: int,
-    status: MessageStatus,
+    status: Fate,
     *,
     ticket_id: int | None = None,
     duplicate_of_id: int | None = None,
     drop_reason: str | None = None,
     defects: list[str] | None = None,
+    rule_hits: list[str] | None = None,
+    rule_misses: list[str] | None = None,
 ) -> None:
+    """Write a message's fate and release its processing lease."""
     session.execute(
         update(InboundMessage)
         .where(InboundMessage.id == inbound_id)
@@ -214,6 +217,8 @@ def set_fate(
             duplicate_of_id=duplicate_of_id,
             drop_reason=drop_reason,
             defects=defects or [],
+            rule_hits=rule_hits or [],
+            rule_misses=rule_misses or [],
             fail_stage=None,
             error=None,
             next_attempt_at=None,
@@ -318,7 +323,7 @@ class FailedFilter:
 
 
 def _failed_where(wanted: FailedFilter) -> list:
-    conditions = [InboundMessage.status == MessageStatus.FAILED]
+    conditions = [InboundMessage.status == Fate.FAILED]
     if wanted.since:
         conditions.append(InboundMessage.received_at >= wanted.since)
     if wanted.stage:
@@ -357,7 +362,7 @@ def due_for_retry(session: Session, now: datetime, limit: int) -> Sequence[int]:
     query = (
         select(InboundMessage.id)
         .where(
-            InboundMessage.status == MessageStatus.FAILED,
+            InboundMessage.status == Fate.FAILED,
             InboundMessage.next_attempt_at <= now,
         )
         .order_by(InboundMessage.id)
@@ -378,9 +383,9 @@ def discard(session: Session, inbound_id: int, reason: str) -> bool:
     """Mark a failed message handled without processing; False if it is not failed (any more)."""
     statement = (
         update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.status == MessageStatus.FAILED)
+        .where(InboundMessage.id == inbound_id, InboundMessage.status == Fate.FAILED)
         .values(
-            status=MessageStatus.DISCARDED,
+            status=Fate.DISCARDED,
             discard_reason=reason,
             next_attempt_at=None,
             processed_at=utcnow(),
@@ -414,8 +419,8 @@ def is_unfetched(session: Session, inbound_id: int) -> bool:
     """A failed message whose bytes were never fetched (see `add_unfetched`)."""
     query = select(InboundMessage.id).where(
         InboundMessage.id == inbound_id,
-        InboundMessage.status == MessageStatus.FAILED,
-        InboundMessage.fail_stage == UNFETCHED_STAGE,
+        InboundMessage.status == Fate.FAILED,
+        InboundMessage.fail_stage == Stage.FETCH,
     )
     return session.execute(query).first() is not None
 
@@ -440,8 +445,8 @@ def add_unfetched(
         message_id=message_id,
         dedupe_key=dedupe_key,
         envelope=envelope,
-        status=MessageStatus.FAILED,
-        fail_stage=UNFETCHED_STAGE,
+        status=Fate.FAILED,
+        fail_stage=Stage.FETCH,
         error=error,
         processed_at=utcnow(),
     )
@@ -488,7 +493,7 @@ def open_ticket_counts(session: Session, assignees: Sequence[str]) -> dict[str, 
 def routed_since(session: Session, since: datetime) -> Sequence[tuple[int, str | None]]:
     """(ledger id, key of the ticket it opened) of messages received since `since` that were
     routed (ticket, comment, dropped) or failed, oldest first: what `rules diff` replays."""
-    routed = (*DONE_WITH_RECORD, MessageStatus.DROPPED, MessageStatus.FAILED)
+    routed = (*WITH_RECORD, Fate.DROPPED, Fate.FAILED)
     query = (
         select(InboundMessage.id, Ticket.key)
         .outerjoin(Ticket, Ticket.inbound_message_id == InboundMessage.id)

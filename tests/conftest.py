@@ -12,7 +12,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from ingest.pipeline import PipelineContext
+from pipeline.process import PipelineContext
 from storage import db
 from storage.models import Base
 
@@ -97,7 +97,7 @@ def settings(db_url: str) -> Settings:
 
 @pytest.fixture
 def pipeline(settings: Settings, sessions: sessionmaker[Session]) -> PipelineContext:
-    return PipelineContext.with_default_routing(settings, sessions)
+    return PipelineContext(settings, sessions)
 
 
 def corpus_dir(name: str) -> Path:

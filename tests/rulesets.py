@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ingest.intake import unstored_mail
 from ingest.mail import Envelope, IncomingMail
 from ingest.parse import parse
 from rules.engine import CompiledRules
@@ -47,7 +48,7 @@ def incoming(
     received_at: datetime = TUESDAY_10_JST,
     rcpt_to: tuple[str, ...] = (),
 ) -> IncomingMail:
-    mail = IncomingMail(0, raw, Envelope(source="file", rcpt_to=rcpt_to), received_at)
+    mail = unstored_mail(raw, Envelope(source="file", rcpt_to=rcpt_to), received_at)
     mail.parsed = parse(raw)
     mail.source_kind = source_kind
     mail.fields = fields or {}

@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from ingest.pipeline import PipelineContext
-from ingest.service import Service
+from pipeline.process import PipelineContext
+from sources.service import Service
 
 MAILINTAKE = Path(sys.executable).parent / "mailintake"
 LISTENING = re.compile(r"listening for SMTP on 127\.0\.0\.1:(\d+)")
@@ -82,7 +82,7 @@ class ServiceThread:
     """`Service.run` on its own event loop in a thread, as `mailintake serve` runs it."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
-        self.service = Service(settings, PipelineContext.with_default_routing(settings, sessions))
+        self.service = Service(settings, PipelineContext(settings, sessions))
         self.error: BaseException | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -19,13 +19,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from ingest.files import MessageSource
 from ingest.intake import receive
 from ingest.mail import Envelope, ParsedMail
 from ingest.parse import html_to_text, parse
-from ingest.pipeline import PipelineContext, process
+from pipeline.process import PipelineContext, process
+from sources.files import MessageSource
 from storage import db
-from storage.models import InboundMessage, MessageStatus, Ticket
+from storage.models import Fate, InboundMessage, Ticket
 from tests.conftest import CORPUS, corpus_dir
 
 EXPECTATION_FILES = {".yml", ".md"}
@@ -72,7 +72,7 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorpusRun]:
     engine = db.make_engine(url)
     db.upgrade(engine)
     sessions = db.make_session_factory(engine)
-    ctx = PipelineContext.with_default_routing(Settings(database={"url": url}), sessions)
+    ctx = PipelineContext(Settings(database={"url": url}), sessions)
     files = message_files(root)
     fates: dict[str, str] = {}
     for path in files:
@@ -123,7 +123,7 @@ def test_bounces_and_auto_replies_open_no_ticket(corpus_run: CorpusRun) -> None:
 
 def test_sisimai_non_bounces_still_make_tickets(corpus_run: CorpusRun) -> None:
     fates = {relative(o): f for o, f in corpus_run.fates.items() if "maildir/not/is-not" in o}
-    assert fates and set(fates.values()) == {MessageStatus.TICKET.value}
+    assert fates and set(fates.values()) == {Fate.TICKET.value}
 
 
 # --- upstream expectations ------------------------------------------------------------------

@@ -11,8 +11,8 @@ from ingest.detect import auto_reply_reason, strip_quoted
 from ingest.intake import receive
 from ingest.mail import Envelope
 from ingest.parse import parse
-from ingest.pipeline import PipelineContext, process
-from storage.models import InboundMessage, MessageStatus, Ticket, TicketComment
+from pipeline.process import PipelineContext, process
+from storage.models import Fate, InboundMessage, Ticket, TicketComment
 from tests.conftest import DATA
 from tests.mails import simple_mail
 
@@ -88,7 +88,7 @@ def test_an_all_quoted_mail_keeps_its_text():
     assert strip_quoted("> only a quote") == "> only a quote"
 
 
-def ingest(pipeline, raw: bytes, envelope: Envelope = FILE) -> MessageStatus | None:
+def ingest(pipeline, raw: bytes, envelope: Envelope = FILE) -> Fate | None:
     return process(pipeline, receive(pipeline.sessions, raw, envelope))
 
 
@@ -98,9 +98,9 @@ def test_a_japanese_reply_becomes_a_comment_without_the_quote(pipeline, sessions
         sender="hanako@sakura-shuhan.example.jp",
         message_id="<order-ask-1@sakura-shuhan.example.jp>",
     )
-    assert ingest(pipeline, first) == MessageStatus.TICKET
+    assert ingest(pipeline, first) == Fate.TICKET
     reply = (DATA / "reply-japanese-quoted.eml").read_bytes()
-    assert ingest(pipeline, reply) == MessageStatus.COMMENT
+    assert ingest(pipeline, reply) == Fate.COMMENT
     with sessions() as session:
         comment = session.scalars(select(TicketComment)).one()
         ticket = session.scalars(select(Ticket)).one()
@@ -112,22 +112,22 @@ def test_a_japanese_reply_becomes_a_comment_without_the_quote(pipeline, sessions
 
 def test_an_auto_reply_to_nothing_is_dropped_with_its_reason(pipeline, sessions):
     raw = simple_mail(subject="不在のお知らせ", headers={"Auto-Submitted": "auto-replied"})
-    assert ingest(pipeline, raw) == MessageStatus.DROPPED
+    assert ingest(pipeline, raw) == Fate.DROPPED
     with sessions() as session:
         row = session.scalars(select(InboundMessage)).one()
         assert row.drop_reason == "auto-reply: Auto-Submitted: auto-replied"
 
 
 def test_an_auto_reply_to_a_ticket_joins_it(pipeline):
-    assert ingest(pipeline, simple_mail(message_id="<ask-2@example.com>")) == MessageStatus.TICKET
+    assert ingest(pipeline, simple_mail(message_id="<ask-2@example.com>")) == Fate.TICKET
     auto = simple_mail(
         subject="Out of office", headers={"In-Reply-To": "<ask-2@example.com>", "X-Autoreply": "1"}
     )
-    assert ingest(pipeline, auto) == MessageStatus.COMMENT
+    assert ingest(pipeline, auto) == Fate.COMMENT
 
 
 def test_template_fields_fill_the_ticket(pipeline, sessions):
-    assert ingest(pipeline, (DATA / "contact-form7-plain.eml").read_bytes()) == MessageStatus.TICKET
+    assert ingest(pipeline, (DATA / "contact-form7-plain.eml").read_bytes()) == Fate.TICKET
     with sessions() as session:
         ticket = session.scalars(select(Ticket)).one()
         assert (ticket.source_kind, ticket.requester_name, ticket.requester_email) == (
@@ -145,14 +145,14 @@ def test_template_fields_fill_the_ticket(pipeline, sessions):
 
 def test_mail_from_our_own_notifications_is_dropped_as_a_loop(settings, sessions):
     settings.detect.own_senders = ["tracker-notify@wine-importer.example.jp"]
-    pipeline = PipelineContext.with_default_routing(settings, sessions)
-    assert ingest(pipeline, simple_mail(message_id="<ask-3@example.com>")) == MessageStatus.TICKET
+    pipeline = PipelineContext(settings, sessions)
+    assert ingest(pipeline, simple_mail(message_id="<ask-3@example.com>")) == Fate.TICKET
     notification = simple_mail(
         subject="[INQ-1] 担当者が決まりました",
         sender="Tracker <Tracker-Notify@wine-importer.example.jp>",
         headers={"In-Reply-To": "<ask-3@example.com>"},
     )
-    assert ingest(pipeline, notification) == MessageStatus.DROPPED
+    assert ingest(pipeline, notification) == Fate.DROPPED
     with sessions() as session:
         dropped = session.scalars(select(InboundMessage).order_by(InboundMessage.id)).all()[-1]
         assert dropped.drop_reason == (
@@ -167,5 +167,5 @@ def test_a_gateway_mail_from_an_own_sender_address_is_no_loop(settings, sessions
     sender = re.search(rb"^From: .*<([^>]+)>", raw, re.MULTILINE)
     assert sender is not None
     settings.detect.own_senders = [sender.group(1).decode().lower()]
-    pipeline = PipelineContext.with_default_routing(settings, sessions)
-    assert ingest(pipeline, raw) == MessageStatus.TICKET
+    pipeline = PipelineContext(settings, sessions)
+    assert ingest(pipeline, raw) == Fate.TICKET

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from config import ConfigError
 from ingest.extract import extract, load_templates, parse_datetime, parse_phone
+from ingest.intake import unstored_mail
 from ingest.mail import Envelope, IncomingMail
 from ingest.parse import parse
 from tests.conftest import DATA
@@ -19,7 +21,7 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "templates.yaml"
 
 def extracted(name: str) -> IncomingMail:
     raw = (DATA / name).read_bytes()
-    mail = IncomingMail(1, raw, Envelope(source="file"), received_at=None)  # type: ignore[arg-type]
+    mail = unstored_mail(raw, Envelope(source="file"), datetime.now(UTC))
     mail.parsed = parse(raw)
     extract(mail, load_templates(TEMPLATES))
     return mail
@@ -46,7 +48,7 @@ def test_answering_service_template():
 def test_subject_patterns_take_full_width_spaces():
     """Template patterns are RE2, whose \\s is ASCII only: the shipped ones allow U+3000."""
     raw = (DATA / "answering-service.eml").read_bytes()
-    mail = IncomingMail(1, raw, Envelope(source="file"), received_at=None)  # type: ignore[arg-type]
+    mail = unstored_mail(raw, Envelope(source="file"), datetime.now(UTC))
     parsed = parse(raw)
     mail.parsed = dataclasses.replace(parsed, subject="【電話受付】（受付番号　A-1024）", text="")
     extract(mail, load_templates(TEMPLATES))
@@ -112,7 +114,7 @@ def test_contact_form_template_plain_and_html(name):
 
 def test_an_ordinary_mail_matches_no_template():
     raw = simple_mail(body="お名前：山田\n電話番号：03-1234-5678")
-    mail = IncomingMail(1, raw, Envelope(source="file"), received_at=None)  # type: ignore[arg-type]
+    mail = unstored_mail(raw, Envelope(source="file"), datetime.now(UTC))
     mail.parsed = parse(raw)
     extract(mail, load_templates(TEMPLATES))
     assert (mail.source_kind, mail.fields) == ("email", {})

@@ -20,14 +20,14 @@ from typer.testing import CliRunner
 
 from cli import app
 from config import Settings
-from ingest.attempts import is_transient
 from ingest.intake import receive
 from ingest.mail import Envelope
-from ingest.pipeline import PipelineContext, process
-from ingest.replay import SKIPPED, parse_since, replay, retry_due
-from ingest.service import ProcessingWorker
+from pipeline.attempts import is_transient
+from pipeline.process import PipelineContext, process
+from pipeline.replay import SKIPPED, parse_since, replay, retry_due
+from sources.service import ProcessingWorker
 from storage import db
-from storage.models import InboundMessage, MessageStatus, ProcessingAttempt, Ticket
+from storage.models import Fate, InboundMessage, ProcessingAttempt, Ticket
 from tests.mails import UNFETCHED_REASON, add_unfetched_row, simple_mail
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def cli(db_url: str, tmp_path: Path):
     return run
 
 
-def rule_exploded(mail, session):
+def rule_exploded(mail):
     raise RuntimeError("rule exploded")
 
 
@@ -56,7 +56,7 @@ def fail_one(settings: Settings, sessions: sessionmaker[Session], raw: bytes, ro
     """Receive `raw` and process it with a router that raises (or `router`); returns its id."""
     ctx = PipelineContext(settings, sessions, router or rule_exploded)
     inbound_id = receive(sessions, raw, FILE)
-    assert process(ctx, inbound_id) == MessageStatus.FAILED
+    assert process(ctx, inbound_id) == Fate.FAILED
     return inbound_id
 
 
@@ -220,7 +220,7 @@ def replay_in_thread(db_url: str, settings: Settings, ids: list[int], start: thr
     outcomes: dict[int, str] = {}
 
     def run() -> None:
-        ctx = PipelineContext.with_default_routing(settings, db.make_session_factory(engine))
+        ctx = PipelineContext(settings, db.make_session_factory(engine))
         start.wait()
         outcomes.update(replay(ctx, ids).outcomes)
 
@@ -263,7 +263,7 @@ def lock_timeout_router(db_url: str) -> tuple:
     pipeline's transaction holds (PostgreSQL: lock_timeout; SQLite: busy timeout)."""
     other: Engine = db.make_engine(db_url, busy_timeout_ms=100)
 
-    def router(mail, session):
+    def router(mail):
         with other.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SET LOCAL lock_timeout = '100ms'"))
@@ -289,7 +289,7 @@ def test_transient_failure_retries_itself_with_backoff_until_attempts_run_out(
         assert first.next_attempt_at is not None and first.processed_at is not None
         assert first.next_attempt_at - first.processed_at == timedelta(seconds=60)
 
-        fixed = PipelineContext.with_default_routing(settings, sessions)
+        fixed = PipelineContext(settings, sessions)
         assert retry_due(fixed, now=first.processed_at).outcomes == {}  # not due yet
 
         assert retry_due(locked, now=first.next_attempt_at).outcomes == {inbound_id: "failed"}
@@ -316,9 +316,7 @@ def test_the_serve_worker_retries_transient_failures_by_itself(db_url, settings,
     finally:
         other.dispose()
     rule_failure = fail_one(settings, sessions, simple_mail())
-    worker = ProcessingWorker(
-        PipelineContext.with_default_routing(settings, sessions), rescan_seconds=0.05
-    )
+    worker = ProcessingWorker(PipelineContext(settings, sessions), rescan_seconds=0.05)
     worker.start()
     try:
         deadline = time.monotonic() + 30
@@ -335,7 +333,7 @@ def test_deterministic_failures_wait_for_a_human(settings, sessions):
     rule_failure = fail_one(settings, sessions, simple_mail())
     assert row(sessions, parse_failure).next_attempt_at is None
     assert row(sessions, rule_failure).next_attempt_at is None
-    fixed = PipelineContext.with_default_routing(settings, sessions)
+    fixed = PipelineContext(settings, sessions)
     later = row(sessions, rule_failure).processed_at + timedelta(days=365)
     assert retry_due(fixed, now=later).outcomes == {}
 

@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from config import ImapAccount, ImapSettings, Settings
-from ingest.imap import (
+from pipeline.process import PipelineContext, process
+from sources.imap import (
     Backoff,
     CredentialError,
     FolderFetcher,
@@ -31,7 +32,6 @@ from ingest.imap import (
     folder_fetchers,
     start_fetchers,
 )
-from ingest.pipeline import PipelineContext, process
 from storage import repo
 from storage.models import InboundMessage, Ticket
 from tests.dovecot import Dovecot, unavailable_reason
@@ -369,7 +369,7 @@ def test_uidvalidity_reset_rescans_without_duplicate_tickets(
     mailbox.fill([*messages, *mails(1, "new after the reset")], "Fax")
     assert mailbox.uidvalidity("Fax") != before
 
-    with caplog.at_level(logging.WARNING, logger="ingest.imap"):
+    with caplog.at_level(logging.WARNING, logger="sources.imap"):
         assert fetcher(settings, sessions, pipeline).fetch_once() == 6
     assert "UIDVALIDITY changed" in caplog.text
     assert ticket_count(sessions) == 6
@@ -473,7 +473,7 @@ def test_wrong_password_logs_one_line_per_backoff_and_keeps_trying(
         thread.join(timeout=5)
     assert not thread.is_alive()
 
-    mine = [r for r in caplog.records if r.name == "ingest.imap"]
+    mine = [r for r in caplog.records if r.name == "sources.imap"]
     attempts = [r for r in mine if "login as" in r.getMessage()]
     # Waits are at least 0.05 s (Dovecot adds 0.5 s to each failed login): no tight loop.
     assert 2 <= len(attempts) <= 2 / 0.05 + 1
@@ -518,7 +518,7 @@ def test_certificate_from_another_ca_is_logged_per_attempt_and_retried(
     def attempts() -> list[logging.LogRecord]:
         return [r for r in caplog.records if "TLS certificate" in r.getMessage()]
 
-    with caplog.at_level(logging.WARNING, logger="ingest.imap"):
+    with caplog.at_level(logging.WARNING, logger="sources.imap"):
         running(fetcher(settings, sessions, pipeline))
         wait_for(lambda: len(attempts()) >= 2, "two failed attempts, with a backoff between", 5)
 

@@ -16,8 +16,8 @@ from ingest.charsets import decode_bytes
 from ingest.intake import receive
 from ingest.mail import Envelope
 from ingest.parse import UnreadableMail, parse, sanitise_filename
-from ingest.pipeline import process
-from storage.models import MessageStatus, Ticket
+from pipeline.process import process
+from storage.models import Fate, Ticket
 from tests.conftest import DATA
 from tests.mails import simple_mail
 
@@ -270,7 +270,7 @@ def test_control_characters_are_removed_from_all_text_with_a_defect():
 def test_a_mail_with_nul_characters_becomes_a_ticket(pipeline, sessions):
     """PostgreSQL text columns refuse NUL: it must not reach the store."""
     inbound_id = receive(sessions, CONTROL_CHARACTERS.read_bytes(), Envelope(source="file"))
-    assert process(pipeline, inbound_id) == MessageStatus.TICKET
+    assert process(pipeline, inbound_id) == Fate.TICKET
     with sessions() as session:
         ticket = session.scalars(select(Ticket)).one()
         assert (ticket.subject, ticket.requester_name) == ("在庫[31m", "山田")

@@ -14,13 +14,12 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.intake import receive
-from ingest.mail import Envelope
-from ingest.pipeline import PipelineContext, process, process_pending
-from rules.defaults import default_decision
+from ingest.mail import Decision, Envelope
+from pipeline.process import PipelineContext, process, process_pending
 from storage.models import (
     AttachmentBlob,
+    Fate,
     InboundMessage,
-    MessageStatus,
     ProcessingAttempt,
     Ticket,
     TicketComment,
@@ -31,7 +30,7 @@ from tests.mails import UNFETCHED_REASON, add_unfetched_row, simple_mail
 FILE = Envelope(source="file")
 
 
-def ingest_one(pipeline: PipelineContext, raw: bytes) -> tuple[int, MessageStatus | None]:
+def ingest_one(pipeline: PipelineContext, raw: bytes) -> tuple[int, Fate | None]:
     inbound_id = receive(pipeline.sessions, raw, FILE)
     return inbound_id, process(pipeline, inbound_id)
 
@@ -44,7 +43,7 @@ def count(sessions: sessionmaker[Session], model: type) -> int:
 def test_iso2022jp_answering_service_mail_reads_correctly(pipeline, sessions):
     raw = (DATA / "answering-service-iso2022jp.eml").read_bytes()
     inbound_id, fate = ingest_one(pipeline, raw)
-    assert fate == MessageStatus.TICKET
+    assert fate == Fate.TICKET
     with sessions() as session:
         subject, body, name, key = session.execute(
             text("SELECT subject, body, requester_name, key FROM tickets")
@@ -64,7 +63,7 @@ def test_same_message_twice_is_a_duplicate_not_a_second_ticket(pipeline, session
     raw = simple_mail(message_id="<dup-1@example.com>")
     first_id, first = ingest_one(pipeline, raw)
     second_id, second = ingest_one(pipeline, raw)
-    assert (first, second) == (MessageStatus.TICKET, MessageStatus.DUPLICATE)
+    assert (first, second) == (Fate.TICKET, Fate.DUPLICATE)
     assert count(sessions, Ticket) == 1
     with sessions() as session:
         dup = session.get_one(InboundMessage, second_id)
@@ -75,25 +74,25 @@ def test_same_message_twice_is_a_duplicate_not_a_second_ticket(pipeline, session
 def test_message_without_message_id_deduplicates_by_content(pipeline, sessions):
     raw = simple_mail(message_id=None)
     fates = [ingest_one(pipeline, raw)[1] for _ in range(3)]
-    assert fates == [MessageStatus.TICKET, MessageStatus.DUPLICATE, MessageStatus.DUPLICATE]
+    assert fates == [Fate.TICKET, Fate.DUPLICATE, Fate.DUPLICATE]
     assert count(sessions, Ticket) == 1
 
 
 def test_a_failing_stage_keeps_the_raw_bytes_and_replay_makes_one_ticket(settings, sessions):
-    def broken_router(mail, session):
+    def broken_router(mail):
         raise RuntimeError("rule exploded")
 
     raw = simple_mail()
     broken = PipelineContext(settings, sessions, broken_router)
     inbound_id, fate = ingest_one(broken, raw)
-    assert fate == MessageStatus.FAILED
+    assert fate == Fate.FAILED
     with sessions() as session:
         row = session.get_one(InboundMessage, inbound_id)
         assert (row.status, row.fail_stage, row.attempts) == ("failed", "route", 1)
         assert "rule exploded" in (row.error or "")
         assert row.raw == raw
-    fixed = PipelineContext.with_default_routing(settings, sessions)
-    assert process(fixed, inbound_id) == MessageStatus.TICKET
+    fixed = PipelineContext(settings, sessions)
+    assert process(fixed, inbound_id) == Fate.TICKET
     assert process(fixed, inbound_id) is None
     assert count(sessions, Ticket) == 1
     with sessions() as session:
@@ -103,7 +102,7 @@ def test_a_failing_stage_keeps_the_raw_bytes_and_replay_makes_one_ticket(setting
 
 def test_bytes_that_are_not_mail_fail_at_parse_with_raw_kept(pipeline, sessions):
     inbound_id, fate = ingest_one(pipeline, b"\r\n\r\n")
-    assert fate == MessageStatus.FAILED
+    assert fate == Fate.FAILED
     with sessions() as session:
         row = session.get_one(InboundMessage, inbound_id)
         assert (row.fail_stage, row.raw) == ("parse", b"\r\n\r\n")
@@ -111,9 +110,9 @@ def test_bytes_that_are_not_mail_fail_at_parse_with_raw_kept(pipeline, sessions)
 
 def test_over_size_message_fails_with_reason(settings, sessions):
     settings.intake.max_message_bytes = 1000
-    pipeline = PipelineContext.with_default_routing(settings, sessions)
+    pipeline = PipelineContext(settings, sessions)
     inbound_id, fate = ingest_one(pipeline, simple_mail(body="x" * 2000))
-    assert fate == MessageStatus.FAILED
+    assert fate == Fate.FAILED
     with sessions() as session:
         assert "over the limit of 1000" in (session.get_one(InboundMessage, inbound_id).error or "")
 
@@ -136,7 +135,7 @@ def test_reply_with_in_reply_to_becomes_a_comment(pipeline, sessions):
         headers={"In-Reply-To": "<orig@example.com>"},
     )
     _, fate = ingest_one(pipeline, reply)
-    assert fate == MessageStatus.COMMENT
+    assert fate == Fate.COMMENT
     with sessions() as session:
         comment = session.scalars(select(TicketComment)).one()
         assert comment.body.strip() == "ありがとうございます。"
@@ -146,7 +145,7 @@ def test_reply_with_in_reply_to_becomes_a_comment(pipeline, sessions):
 def test_reply_by_ticket_key_in_subject_becomes_a_comment(pipeline, sessions):
     ingest_one(pipeline, simple_mail())
     _, fate = ingest_one(pipeline, simple_mail(subject="Re: [INQ-1] 在庫の問い合わせ"))
-    assert fate == MessageStatus.COMMENT
+    assert fate == Fate.COMMENT
     assert count(sessions, Ticket) == 1
 
 
@@ -191,18 +190,18 @@ def test_a_message_that_keeps_killing_its_processor_is_failed_not_retried_foreve
 ):
     inbound_id = receive(sessions, simple_mail(), FILE)
     leave_lease(sessions, inbound_id, dead_owner(), interruptions=2)
-    assert process(pipeline, inbound_id) == MessageStatus.FAILED
+    assert process(pipeline, inbound_id) == Fate.FAILED
     with sessions() as session:
         row = session.get_one(InboundMessage, inbound_id)
         assert (row.fail_stage, row.interruptions, row.lease_owner) == ("interrupted", 0, None)
         assert "interrupted 3 times" in (row.error or "")
-    assert process(pipeline, inbound_id) == MessageStatus.TICKET  # a replay, once fixed
+    assert process(pipeline, inbound_id) == Fate.TICKET  # a replay, once fixed
 
 
 def test_a_lease_left_by_a_dead_process_is_taken_over_at_once(pipeline, sessions):
     inbound_id = receive(sessions, simple_mail(), FILE)
     leave_lease(sessions, inbound_id, dead_owner())
-    assert process(pipeline, inbound_id) == MessageStatus.TICKET
+    assert process(pipeline, inbound_id) == Fate.TICKET
     with sessions() as session:
         row = session.get_one(InboundMessage, inbound_id)
         assert (row.attempts, row.interruptions, row.lease_owner) == (1, 0, None)
@@ -217,21 +216,21 @@ def test_a_message_held_by_a_live_process_is_left_to_it_until_its_lease_ends(pip
         row = session.get_one(InboundMessage, inbound_id)
         assert (row.status, row.attempts) == ("received", 0)
         row.lease_until = datetime.now(UTC) - timedelta(seconds=1)
-    assert process(pipeline, inbound_id) == MessageStatus.TICKET
+    assert process(pipeline, inbound_id) == Fate.TICKET
 
 
 def test_processes_racing_on_one_message_count_one_attempt_and_no_failure(pipeline, sessions):
     inbound_id = receive(sessions, simple_mail(), FILE)
     start = threading.Barrier(6)
 
-    def race() -> MessageStatus | None:
+    def race() -> Fate | None:
         start.wait()
         return process(pipeline, inbound_id)
 
     with ThreadPoolExecutor(6) as pool:
         fates = list(pool.map(lambda _: race(), range(6)))
-    assert fates.count(MessageStatus.TICKET) == 1
-    assert set(fates) <= {MessageStatus.TICKET, None}
+    assert fates.count(Fate.TICKET) == 1
+    assert set(fates) <= {Fate.TICKET, None}
     with sessions() as session:
         row = session.get_one(InboundMessage, inbound_id)
         assert (row.status, row.attempts, row.interruptions) == ("ticket", 1, 0)
@@ -242,15 +241,15 @@ def test_processes_racing_on_one_message_count_one_attempt_and_no_failure(pipeli
 def test_a_duplicate_is_recognised_before_routing(settings, sessions):
     routed = []
 
-    def counting_router(mail, session):
+    def counting_router(mail):
         routed.append(mail.inbound_id)
-        return default_decision(settings.tickets, mail)
+        return Decision()
 
     counting = PipelineContext(settings, sessions, counting_router)
     raw = simple_mail()
     first, _ = ingest_one(counting, raw)
     _, fate = ingest_one(counting, raw)
-    assert fate == MessageStatus.DUPLICATE
+    assert fate == Fate.DUPLICATE
     assert routed == [first]
 
 
@@ -258,10 +257,10 @@ def test_overlong_message_id_and_names_are_stored_not_refused(pipeline, sessions
     long_id = "<" + "a" * 1200 + "@example.com>"
     raw = simple_mail(message_id=long_id, sender=f'"{"名" * 400}" <long@example.com>')
     inbound_id, fate = ingest_one(pipeline, raw)
-    assert fate == MessageStatus.TICKET
+    assert fate == Fate.TICKET
     with sessions() as session:
         row = session.get_one(InboundMessage, inbound_id)
         assert row.message_id == long_id[:998]
         ticket = session.scalars(select(Ticket)).one()
         assert ticket.requester_name == "名" * 255
-    assert ingest_one(pipeline, raw)[1] == MessageStatus.DUPLICATE
+    assert ingest_one(pipeline, raw)[1] == Fate.DUPLICATE

@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from config import Settings
 from ingest.intake import receive
 from ingest.mail import Envelope
-from ingest.pipeline import PipelineContext, process
-from rules.engine import CompiledRules, RulesRouter, evaluate, pick_assignee
+from pipeline.process import PipelineContext, process
+from rules.assign import pick_assignee
+from rules.engine import CompiledRules, RulesRouter, evaluate
 from storage import db
-from storage.models import AssignmentCursor, InboundMessage, MessageStatus, Ticket
+from storage.models import AssignmentCursor, Fate, InboundMessage, Ticket
 from tests.conftest import _truncate_all
 from tests.mails import simple_mail
 from tests.rulesets import incoming, rules_from, write_rules
@@ -53,10 +54,10 @@ rules:
 
 
 def pipeline_for(settings: Settings, sessions: sessionmaker[Session], rules: CompiledRules):
-    return PipelineContext(settings, sessions, RulesRouter(lambda: rules, settings.tickets))
+    return PipelineContext(settings, sessions, RulesRouter(lambda: rules))
 
 
-def deliver(pipeline: PipelineContext, **mail) -> tuple[MessageStatus | None, Ticket | None]:
+def deliver(pipeline: PipelineContext, **mail) -> tuple[Fate | None, Ticket | None]:
     inbound_id = receive(pipeline.sessions, simple_mail(**mail), Envelope(source="file"))
     fate = process(pipeline, inbound_id)
     with pipeline.sessions() as session:
@@ -83,9 +84,9 @@ def test_round_robin_takes_turns_and_the_ticket_records_the_decision(routed):
 def test_dropped_mail_and_follow_up_do_not_take_a_turn(routed):
     assert deliver(routed, subject="1")[1].assignee == "yamada"
     fate, _ = deliver(routed, subject="未承諾広告 ワイン特売")
-    assert fate == MessageStatus.DROPPED
+    assert fate == Fate.DROPPED
     fate, _ = deliver(routed, subject="Re: [INQ-1] 追加")
-    assert fate == MessageStatus.COMMENT
+    assert fate == Fate.COMMENT
     assert deliver(routed, subject="2")[1].assignee == "sato"
     with routed.sessions() as session:
         reason = session.scalars(
@@ -96,9 +97,9 @@ def test_dropped_mail_and_follow_up_do_not_take_a_turn(routed):
 
 def test_allow_auto_reply_lets_a_rule_open_a_ticket(routed):
     fate, ticket = deliver(routed, subject="受注確認", headers={"Auto-Submitted": "auto-generated"})
-    assert fate == MessageStatus.TICKET and ticket.assignee == "sato"
+    assert fate == Fate.TICKET and ticket.assignee == "sato"
     fate, _ = deliver(routed, subject="不在通知", headers={"Auto-Submitted": "auto-replied"})
-    assert fate == MessageStatus.DROPPED
+    assert fate == Fate.DROPPED
 
 
 def test_fixed_strategy_assigns_the_team_itself(routed):
@@ -133,7 +134,7 @@ WORKER = textwrap.dedent(
     from config import Settings
     from ingest.intake import receive
     from ingest.mail import Envelope
-    from ingest.pipeline import PipelineContext, process
+    from pipeline.process import PipelineContext, process
     from rules.engine import RulesRouter
     from rules.load import load_rules
     from storage import db
@@ -144,7 +145,7 @@ WORKER = textwrap.dedent(
     engine = db.make_engine(url)
     sessions = db.make_session_factory(engine)
     rules = load_rules(Path(rules_path))
-    pipeline = PipelineContext(settings, sessions, RulesRouter(lambda: rules, settings.tickets))
+    pipeline = PipelineContext(settings, sessions, RulesRouter(lambda: rules))
     raws = [f"Subject: {tag} {i}\\nMessage-ID: <{tag}-{i}@example.com>\\n\\nbody\\n".encode()
             for i in range(int(count))]
     while not Path(start_flag).exists():

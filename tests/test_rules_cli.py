@@ -84,7 +84,7 @@ def test_rules_test_routes_the_three_sources_differently_and_explains_every_rule
         )
         assert len(item["rules"]) == 8  # every rule explained
         applied = [r["rule"] for r in item["rules"] if r["result"] == "applied"]
-        assert applied == decision["rule_names"]
+        assert applied == decision["rule_hits"]
         missed = [r for r in item["rules"] if r["result"] == "missed"]
         assert all(r["reason"] for r in missed)
     # the test wrote nothing

@@ -21,7 +21,7 @@ def matches(tmp_path, when: str, mail) -> bool:
     rules = rules_from(
         tmp_path, f"rules:\n  - name: r\n    when: {when}\n    then: {{labels: [x]}}\n"
     )
-    return evaluate(rules, mail).plan.rule_names == ["r"]
+    return evaluate(rules, mail).plan.rule_hits == ["r"]
 
 
 def plain(**kwargs):
@@ -140,7 +140,7 @@ def test_only_our_own_servers_authentication_results_count(tmp_path):
           - {name: dmarc-ok, when: {auth: {dmarc: pass}}, then: {labels: [ok]}}
         """,
     )
-    assert evaluate(rules, mail).plan.rule_names == []  # the forged pass is not ours
+    assert evaluate(rules, mail).plan.rule_hits == []  # the forged pass is not ours
 
 
 @pytest.mark.parametrize(
@@ -173,7 +173,7 @@ def test_first_matching_rule_decides(tmp_path):
         """,
     )
     plan = evaluate(rules, plain()).plan
-    assert (plan.rule_names, plan.category, plan.priority, plan.labels) == (
+    assert (plan.rule_hits, plan.category, plan.priority, plan.labels) == (
         ["first"],
         "order",
         "high",
@@ -201,7 +201,7 @@ def test_continue_lets_later_rules_add_but_not_override(tmp_path):
         """,
     )
     plan = evaluate(rules, plain(subject="至急: 在庫")).plan
-    assert plan.rule_names == ["urgent", "stock"]
+    assert plan.rule_hits == ["urgent", "stock"]
     assert (plan.category, plan.priority) == ("order", "urgent")
     assert plan.labels == ["urgent", "stock"]
     assert plan.fields == {"flag": "a", "x": 1}
@@ -217,7 +217,7 @@ def test_defaults_fill_what_no_rule_set(tmp_path):
         """,
     )
     unmatched = evaluate(rules, plain()).plan
-    assert (unmatched.rule_names, unmatched.category, unmatched.priority) == (
+    assert (unmatched.rule_hits, unmatched.category, unmatched.priority) == (
         [],
         "inquiry",
         "normal",
@@ -282,14 +282,15 @@ def test_due_in_hours_and_next_business_day_skipping_a_holiday(tmp_path):
 
 
 def test_settings_defaults_apply_when_the_rules_set_nothing(tmp_path):
-    from rules.engine import decide
+    from pipeline.context import with_ticket_defaults
+    from rules.engine import decision_of
 
     rules = rules_from(tmp_path, "rules: []\n")
     tickets = TicketSettings(
         default_category="misc", default_assignee="desk", default_priority="low"
     )
     mail = plain()
-    decision = decide(evaluate(rules, mail), rules, mail, None, tickets)  # type: ignore[arg-type]
+    decision = with_ticket_defaults(decision_of(evaluate(rules, mail), rules, mail), tickets)
     assert (decision.category, decision.assignee, decision.priority) == ("misc", "desk", "low")
     assert decision.rules_version == rules.version and len(rules.version) == 64
     assert decision.due_at is None

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from storage import db
-from storage.models import InboundMessage, MessageStatus
+from storage.models import Fate, InboundMessage
 from tests.mails import simple_mail
 from tests.servers import LISTENING, ServeProcess
 
@@ -51,7 +51,7 @@ def test_serve_stores_a_message_and_exits_0_on_sigterm(tmp_path, serve_process):
             status = conn.scalar(select(InboundMessage.status))
     finally:
         engine.dispose()
-    assert status == MessageStatus.TICKET
+    assert status == Fate.TICKET
 
 
 def test_serve_on_a_taken_port_exits_2_saying_so(tmp_path, serve_process):

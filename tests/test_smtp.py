@@ -18,8 +18,8 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import ConfigError, Settings, load_settings
-from ingest.service import ListenerError
-from storage.models import Attachment, InboundMessage, MessageStatus, Ticket
+from sources.service import ListenerError
+from storage.models import Attachment, Fate, InboundMessage, Ticket
 from tests.conftest import DATA
 from tests.mails import simple_mail
 from tests.servers import ServiceThread, wait_for
@@ -90,7 +90,7 @@ def ledger(sessions: sessionmaker[Session]) -> list[InboundMessage]:
 def processed(sessions: sessionmaker[Session], count: int) -> Callable[[], bool]:
     def check() -> bool:
         rows = ledger(sessions)
-        return len(rows) >= count and all(r.status != MessageStatus.RECEIVED for r in rows)
+        return len(rows) >= count and all(r.status != Fate.RECEIVED for r in rows)
 
     return check
 
@@ -140,7 +140,7 @@ def test_three_kinds_of_mail_are_acknowledged_after_storing_and_become_tickets(s
     with sessions() as session:
         tickets = {t.inbound_message_id: t for t in session.scalars(select(Ticket))}
         pdfs = session.scalars(select(Attachment).where(Attachment.ticket_id.is_not(None))).all()
-    assert [r.status for r in ledger(sessions)] == [MessageStatus.TICKET] * 3
+    assert [r.status for r in ledger(sessions)] == [Fate.TICKET] * 3
     phone, fax, webform = (tickets[r.id] for r in rows)
     assert phone.subject == "【電話受付】①㈱髙島屋ワイン様よりお問い合わせ"
     assert fax.subject == "FAX受信 03-1234-5678 より 3 枚"

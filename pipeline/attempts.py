@@ -1,6 +1,6 @@
 """What a processing attempt records: who made it, and whether its failure retries by itself.
 
-Used by the pipeline when it records an outcome, and by `ingest.replay`.
+Used by the pipeline when it records an outcome, and by `pipeline.replay`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 import shlex
 import socket
 import sys
-import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,33 +48,6 @@ def current_actor() -> Actor:
     return Actor(socket.gethostname()[:255], os.getpid(), username and username[:64], command[:255])
 
 
-def lease_owner() -> str:
-    """How this thread names itself on a processing lease: `host:pid:thread`."""
-    return f"{socket.gethostname()[:200]}:{os.getpid()}:{threading.get_ident()}"
-
-
-def lease_abandoned(owner: str, until: datetime | None, now: datetime) -> bool:
-    """Whether a lease was left behind by an attempt that can no longer finish: its time ran
-    out, or its holder on this host is gone (a dead process, an ended thread, or this very
-    thread, which is not working on it any more). A restart after a crash need not wait."""
-    if until is None or until <= now:
-        return True
-    parts = owner.split(":")
-    if len(parts) != 3 or parts[0] != socket.gethostname()[:200]:
-        return False  # another host's: only its expiry tells
-    pid, thread = int(parts[1]), int(parts[2])
-    if pid == os.getpid():
-        live = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
-        return thread not in live
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, owned by another user
-    return False
-
-
 def is_transient(exc: BaseException) -> bool:
     """A failure that may go away by itself: lost connection, lock timeout, deadlock, busy."""
     cause: BaseException | None = exc
@@ -112,21 +84,6 @@ def retry_at(
         return None
     delay = min(policy.backoff_seconds * 2 ** (attempts - 1), policy.max_backoff_seconds)
     return failed_at + timedelta(seconds=delay)
-
-
-SQLALCHEMY_FOOTER = "(Background on this error at:"  # SQLAlchemy's last line: a link, no news
-
-
-def short_error(error: str | None) -> str | None:
-    """The last line of a traceback: the exception type and message."""
-    if not error:
-        return error
-    lines = [
-        line
-        for line in error.strip().splitlines()
-        if line.strip() and not line.startswith(SQLALCHEMY_FOOTER)
-    ]
-    return lines[-1].strip() if lines else None
 
 
 def record_attempt(

@@ -19,8 +19,6 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from email.utils import formatdate
 from typing import Any
 
@@ -30,6 +28,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session as SmtpSession
 
 from config import SmtpSettings
+from ingest.headers import message_id_as_written
 from ingest.mail import Envelope
 
 log = logging.getLogger(__name__)
@@ -264,7 +263,7 @@ class IntakeHandler:
 
         One log line per message: peer, Message-ID, size, and ledger id or why it was refused.
         """
-        mid = message_id_for_log(raw)
+        mid = message_id_as_written(raw)
         what = f"{server.protocol_name} {server.peer_text}: {mid}, {len(raw)} bytes"
         started = time.monotonic()
         try:
@@ -284,12 +283,6 @@ class IntakeHandler:
         """Our own fault: the sender should retry, never treat it as a permanent failure."""
         log.error("SMTP session error: %s: %s", type(error).__name__, error, exc_info=error)
         return REPLY_INTERNAL
-
-
-def message_id_for_log(raw: bytes) -> str:
-    """The Message-ID header as written (the ledger keeps the normalised one)."""
-    value = BytesHeaderParser(policy=compat32).parsebytes(raw).get("Message-ID")
-    return " ".join(str(value).split()) if value else "(no Message-ID)"
 
 
 def data_reply(inbound_id: int | None, rcpt: str | None = None) -> str:

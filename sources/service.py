@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from functools import partial
 
 from config import ListenerSettings, Settings
-from ingest.imap import fetch_until_stopped
 from ingest.intake import receive
 from ingest.mail import Envelope
-from ingest.pipeline import PipelineContext, process
-from ingest.replay import retry_due
-from ingest.smtp import (
+from pipeline.process import PipelineContext, process
+from pipeline.replay import retry_due
+from sources.imap import fetch_until_stopped
+from sources.smtp import (
     Door,
     IntakeHandler,
     IntakeLMTP,

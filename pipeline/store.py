@@ -1,4 +1,5 @@
-"""The last stage: turn a routed IncomingMail into a ticket, a comment, a drop or a duplicate."""
+"""The last stage: write the decided fate of an IncomingMail: a ticket, a comment, a drop or a
+duplicate, with the rule hits and misses on the ledger row."""
 
 from __future__ import annotations
 
@@ -8,53 +9,39 @@ from sqlalchemy.orm import Session
 
 from ingest.mail import IncomingMail, ParsedMail
 from storage import repo
-from storage.models import Attachment, MessageStatus, Ticket, TicketComment
+from storage.models import Attachment, Fate, Ticket, TicketComment
 
 REQUESTER_FIELDS = ("requester_name", "requester_email", "requester_phone", "requester_company")
 
 
-def store_if_duplicate(session: Session, mail: IncomingMail) -> bool:
-    """Record `mail` as a duplicate if an earlier delivery already made its ticket or comment.
-
-    Runs before routing, so a re-delivery costs no rule work and takes no round-robin turn.
-    """
-    earlier = repo.first_record_of(session, mail.dedupe_key, mail.inbound_id)
-    if earlier is None:
-        return False
+def store(session: Session, mail: IncomingMail, key_prefix: str) -> None:
+    """Write what the pipeline decided for `mail` (its `fate`) in the caller's transaction."""
+    parsed, fate, decision = mail.parsed, mail.fate, mail.decision
+    assert parsed is not None and fate is not None, "store after the decision"
+    ticket_id = duplicate_of_id = None
+    if fate is Fate.DUPLICATE:
+        assert mail.duplicate_of is not None
+        ticket_id, duplicate_of_id = mail.duplicate_of.ticket_id, mail.duplicate_of.inbound_id
+    elif fate is Fate.COMMENT:
+        assert mail.follow_up_ticket_id is not None
+        comment = _add_comment(session, mail, mail.follow_up_ticket_id)
+        _add_attachments(session, parsed, mail.inbound_id, comment_id=comment.id)
+        ticket_id = comment.ticket_id
+    elif fate is Fate.TICKET:
+        ticket = _add_ticket(session, mail, key_prefix)
+        _add_attachments(session, parsed, mail.inbound_id, ticket_id=ticket.id)
+        ticket_id = ticket.id
     repo.set_fate(
         session,
         mail.inbound_id,
-        MessageStatus.DUPLICATE,
-        ticket_id=earlier.ticket_id,
-        duplicate_of_id=earlier.id,
-        defects=mail.parsed.defects if mail.parsed else [],
+        fate,
+        ticket_id=ticket_id,
+        duplicate_of_id=duplicate_of_id,
+        drop_reason=mail.drop_reason,
+        defects=parsed.defects,
+        rule_hits=decision.rule_hits if decision else [],
+        rule_misses=decision.rule_misses if decision else [],
     )
-    return True
-
-
-def store(session: Session, mail: IncomingMail, key_prefix: str) -> MessageStatus:
-    """Write the outcome of a routed `mail` in the caller's transaction; return its fate."""
-    parsed, decision = mail.parsed, mail.decision
-    assert parsed is not None and decision is not None
-    if decision.drop_reason:
-        repo.set_fate(
-            session,
-            mail.inbound_id,
-            MessageStatus.DROPPED,
-            drop_reason=decision.drop_reason,
-            defects=parsed.defects,
-        )
-        return MessageStatus.DROPPED
-    if mail.follow_up_ticket_id is not None:
-        comment = _add_comment(session, mail, mail.follow_up_ticket_id)
-        _add_attachments(session, parsed, mail.inbound_id, comment_id=comment.id)
-        fate, ticket_id = MessageStatus.COMMENT, comment.ticket_id
-    else:
-        ticket = _add_ticket(session, mail, key_prefix)
-        _add_attachments(session, parsed, mail.inbound_id, ticket_id=ticket.id)
-        fate, ticket_id = MessageStatus.TICKET, ticket.id
-    repo.set_fate(session, mail.inbound_id, fate, ticket_id=ticket_id, defects=parsed.defects)
-    return fate
 
 
 def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> Ticket:
@@ -68,7 +55,7 @@ def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> Ticket:
         requester["requester_email"] = requester["requester_email"] or parsed.from_email
     ticket = Ticket(
         key=f"new-{mail.inbound_id}",
-        source_kind=decision.source_kind,
+        source_kind=mail.source_kind,
         category=decision.category,
         subject=parsed.subject,
         body=parsed.text,
@@ -82,7 +69,7 @@ def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> Ticket:
         due_at=decision.due_at,
         labels=decision.labels,
         fields=fields,
-        rule_names=decision.rule_names,
+        rule_names=decision.rule_hits,
         rules_version=decision.rules_version,
         inbound_message_id=mail.inbound_id,
         origin_key=mail.dedupe_key,

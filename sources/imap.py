@@ -39,7 +39,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import ImapAccount, Settings
-from ingest.intake import MESSAGE_ID_RE, receive
+from ingest.headers import first_message_id
+from ingest.intake import receive
 from ingest.mail import Envelope
 from storage import repo
 
@@ -529,14 +530,13 @@ class FolderFetcher:
     def _record_unfetched(self, uid: int, meta: dict[bytes, Any], reason: str) -> None:
         """A failed ledger row for a message we leave in the mailbox, untouched, for a human."""
         header = meta.get(HEADER_KEY) or b""
-        found = MESSAGE_ID_RE.search(header.decode("ascii", "replace"))
         key = f"imap:{self.account.name}:{self.folder}:{self._uidvalidity}:{uid}"
         with self.sessions.begin() as session:
             inbound_id = repo.add_unfetched(
                 session,
                 source=SOURCE,
                 size=int(meta.get(b"RFC822.SIZE") or 0),
-                message_id=found.group(0) if found else None,
+                message_id=first_message_id(header),
                 dedupe_key=key,
                 envelope=self._envelope(uid),
                 error=reason,
@@ -545,7 +545,7 @@ class FolderFetcher:
             "imap %s: uid %s %s not fetched, left in the mailbox; ledger row %s failed: %s",
             self.label,
             uid,
-            found.group(0) if found else "(no Message-ID)",
+            first_message_id(header) or "(no Message-ID)",
             inbound_id,
             reason,
         )

@@ -13,20 +13,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest.attempts import record_attempt
-from ingest.parse import decode_header_value
-from ingest.pipeline import PipelineContext, process
+from pipeline.attempts import record_attempt
+from pipeline.process import PipelineContext, process
 from storage import repo
-from storage.models import InboundMessage, MessageStatus, utcnow
+from storage.models import Fate, InboundMessage, utcnow
 
 SKIPPED = "skipped"  # not processable any more: done meanwhile (by serve or another replay)
 MISSING = "missing"  # no such ledger id
-OUTCOMES = (*(s.value for s in MessageStatus if s != MessageStatus.RECEIVED), SKIPPED, MISSING)
+OUTCOMES = (*(s.value for s in Fate if s != Fate.RECEIVED), SKIPPED, MISSING)
 NOT_FAILED = "not_failed"
 
 AGO_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
@@ -48,18 +45,6 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def headers_of(raw: bytes) -> list[tuple[str, str]]:
-    """The decoded header fields of `raw`; works on messages the full parser gives up on."""
-    message = BytesHeaderParser(policy=compat32).parsebytes(raw.removeprefix(b"\xef\xbb\xbf"))
-    defects: list[str] = []
-    return [(name, decode_header_value(str(value), defects)) for name, value in message.raw_items()]
-
-
-def first_header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
-    wanted = name.lower()
-    return next((value for key, value in headers if key.lower() == wanted), None)
-
-
 @dataclass
 class ReplayResult:
     """What happened to each message of a replay, by ledger id, in replay order."""
@@ -68,7 +53,7 @@ class ReplayResult:
 
     @property
     def still_failed(self) -> list[int]:
-        return [i for i, outcome in self.outcomes.items() if outcome == MessageStatus.FAILED]
+        return [i for i, outcome in self.outcomes.items() if outcome == Fate.FAILED]
 
     @property
     def missing(self) -> list[int]:
@@ -110,7 +95,7 @@ def _unprocessed_outcome(ctx: PipelineContext, inbound_id: int) -> str:
     from IMAP: there are no bytes), else `skipped` (done, or being done, by another process)."""
     with ctx.sessions() as session:
         unfetched = repo.is_unfetched(session, inbound_id)
-    return MessageStatus.FAILED.value if unfetched else SKIPPED
+    return Fate.FAILED.value if unfetched else SKIPPED
 
 
 def retry_due(ctx: PipelineContext, now: datetime | None = None, limit: int = 100) -> ReplayResult:
@@ -134,8 +119,8 @@ def discard(sessions: sessionmaker[Session], ids: Iterable[int], reason: str) ->
     for inbound_id in dict.fromkeys(ids):
         with sessions.begin() as session:
             if repo.discard(session, inbound_id, reason):
-                record_attempt(session, inbound_id, MessageStatus.DISCARDED)
-                results[inbound_id] = MessageStatus.DISCARDED.value
+                record_attempt(session, inbound_id, Fate.DISCARDED)
+                results[inbound_id] = Fate.DISCARDED.value
             elif session.get(InboundMessage, inbound_id) is None:
                 results[inbound_id] = MISSING
             else:

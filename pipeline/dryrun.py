@@ -1,7 +1,7 @@
 """Routing without writing anything: what `mailintake rules test` and `rules diff` show.
 
-The real pipeline stages run (parse, detect, extract, follow-up detection, the rules router),
-but the round-robin cursor is only read and the session is rolled back.
+The real pipeline stages run (parse, detect, extract, follow-up, route, decide, assign), but the
+round-robin cursor is only read and the session is rolled back.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from ingest.mail import Decision, IncomingMail
-from ingest.pipeline import PipelineContext, examine, incoming_mail, route_stage
+from ingest.mail import IncomingMail
+from pipeline.context import PipelineContext
+from pipeline.process import incoming_mail
+from pipeline.stages import DRY_RUN_STAGES, examine
 from rules.engine import CompiledRules, Evaluation, RulesRouter
 from storage import repo
-from storage.models import InboundMessage
+from storage.models import Fate, InboundMessage
 
 COMPARED = ("outcome", "category", "assignee", "priority")
 
@@ -29,16 +31,16 @@ class DryRouter:
         self, settings: Settings, sessions: sessionmaker[Session], rules: CompiledRules
     ) -> None:
         self._evaluations: list[Evaluation] = []
-        router = RulesRouter(
-            lambda: rules, settings.tickets, dry_run=True, on_evaluation=self._evaluations.append
-        )
+        router = RulesRouter(lambda: rules, dry_run=True, on_evaluation=self._evaluations.append)
         self.pipeline = PipelineContext(settings, sessions, router)
 
     def route(self, mail: IncomingMail) -> Evaluation:
         """Run every stage up to the decision (`mail.decision`); nothing is written."""
         examine(mail, self.pipeline)
         with self.pipeline.sessions() as session:
-            route_stage(mail, self.pipeline, session)
+            for stage, run in DRY_RUN_STAGES:
+                mail.stage = stage
+                run(mail, self.pipeline, session)
             session.rollback()
         return self._evaluations.pop()
 
@@ -47,9 +49,9 @@ def outcome(mail: IncomingMail) -> dict[str, Any]:
     """What `rules diff` compares: the fate and, for tickets, category, assignee, priority."""
     decision = mail.decision
     assert decision is not None
-    if decision.drop_reason:
-        return {"outcome": f"dropped ({decision.drop_reason})"}
-    if mail.follow_up_ticket_id is not None:
+    if mail.fate is Fate.DROPPED:
+        return {"outcome": f"dropped ({mail.drop_reason})"}
+    if mail.fate is Fate.COMMENT:
         return {"outcome": "comment"}
     return {
         "outcome": "ticket",
@@ -111,21 +113,3 @@ def diff(
         if change.differences():
             changes.append(change)
     return len(routed), changes
-
-
-def decision_view(decision: Decision) -> dict[str, Any]:
-    return {
-        "category": decision.category,
-        "assignee": decision.assignee,
-        "priority": decision.priority,
-        "due_at": decision.due_at.isoformat() if decision.due_at else None,
-        "labels": decision.labels,
-        "fields": {
-            k: v if isinstance(v, str | int | float | bool) else str(v)
-            for k, v in decision.fields.items()
-        },
-        "drop_reason": decision.drop_reason,
-        "allow_auto_reply": decision.allow_auto_reply,
-        "rule_names": decision.rule_names,
-        "rules_version": decision.rules_version,
-    }

@@ -1,0 +1,46 @@
+"""What every stage may use: settings, the session factory, the router and the templates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from config import Settings, TicketSettings
+from ingest.extract import Template, load_templates
+from ingest.mail import Decision, IncomingMail
+
+# Routing reads the mail and the rules, nothing else: it writes nothing and takes no turn.
+Router = Callable[[IncomingMail], Decision]
+
+
+def no_rules(_mail: IncomingMail) -> Decision:
+    """The router when no rules file is configured: every ticket gets the `tickets:` defaults."""
+    return Decision()
+
+
+def with_ticket_defaults(decision: Decision, tickets: TicketSettings) -> Decision:
+    """`decision` with what no rule set taken from the `tickets:` settings: the one place the
+    defaults apply, whatever routed the mail."""
+    return replace(
+        decision,
+        category=decision.category or tickets.default_category,
+        assignee=decision.assignee or tickets.default_assignee,
+        priority=decision.priority or tickets.default_priority,
+    )
+
+
+@dataclass
+class PipelineContext:
+    """Shared by all stages and threads; nothing per message lives here. Tests build their own."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    router: Router = no_rules
+    templates: list[Template] | None = None  # None: read settings.templates.path on first use
+
+    def source_templates(self) -> list[Template]:
+        if self.templates is None:
+            self.templates = load_templates(self.settings.templates.path)
+        return self.templates

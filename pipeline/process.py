@@ -1,0 +1,134 @@
+"""process(ctx, inbound_id): walk the stage table for one ledger row, for first delivery, crash
+recovery and replay alike.
+
+Processing reads only the stored raw bytes and the current rules, so a crash, a retry or
+`mailintake failed replay` all take this same path. Any exception marks the ledger row `failed`
+with the stage and the traceback; the raw bytes stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+
+from sqlalchemy.exc import IntegrityError
+
+from ingest.mail import Envelope, IncomingMail
+from pipeline.attempts import record_attempt, retry_at
+from pipeline.context import PipelineContext
+from pipeline.leases import INTERRUPTED_LIMIT, lease_owner, take_lease
+from pipeline.stages import DECIDING_STAGES, NotOurs, examine
+from storage import repo
+from storage.models import PROCESSABLE, Fate, InboundMessage, Stage, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def load(ctx: PipelineContext, inbound_id: int) -> IncomingMail | None:
+    """The ledger row as an IncomingMail, or None if it needs no processing or has no bytes to
+    process (never fetched: the message is still in its mailbox, and the reason stays)."""
+    with ctx.sessions() as session:
+        row = session.get(InboundMessage, inbound_id)
+        if row is None or row.status not in PROCESSABLE or row.fail_stage == Stage.FETCH:
+            return None
+        return incoming_mail(row)
+
+
+def incoming_mail(row: InboundMessage) -> IncomingMail:
+    """A fresh IncomingMail for a ledger row, as it was received."""
+    envelope = Envelope(
+        source=row.source,
+        mail_from=row.mail_from,
+        rcpt_to=tuple(row.rcpt_to),
+        peer=row.peer,
+        extra=dict(row.envelope),
+    )
+    return IncomingMail(row.id, row.raw, envelope, row.received_at, row.dedupe_key)
+
+
+def process(ctx: PipelineContext, inbound_id: int) -> Fate | None:
+    """Process one ledger row; returns its fate, or None if it was not processable (done, or
+    being processed by another process)."""
+    mail = load(ctx, inbound_id)
+    if mail is None:
+        return None
+    mail.lease_owner = lease_owner()
+    interruptions = take_lease(ctx.sessions, inbound_id, mail.lease_owner)
+    if interruptions is None:
+        return None
+    if interruptions >= INTERRUPTED_LIMIT:
+        error = (
+            f"processing was interrupted {interruptions} times without finishing "
+            "(the process crashed or was killed while on this message); replay it when fixed"
+        )
+        mail.stage = Stage.INTERRUPTED
+        return _record_failure(ctx, mail, RuntimeError(error))
+    try:
+        examine(mail, ctx)
+        try:
+            _decide_and_store(ctx, mail)
+        except IntegrityError:
+            # Another process stored the same message at the same moment; a second pass
+            # sees its record and makes this delivery a duplicate.
+            _decide_and_store(ctx, mail)
+    except NotOurs:
+        return None
+    except Exception as exc:
+        return _record_failure(ctx, mail, exc)
+    log.info("message %s %s: %s", inbound_id, _mid(mail), mail.fate)
+    return mail.fate
+
+
+def _decide_and_store(ctx: PipelineContext, mail: IncomingMail) -> None:
+    """The transactional stages, committed together or not at all."""
+    mail.fate = mail.decision = mail.duplicate_of = mail.drop_reason = None
+    with ctx.sessions.begin() as session:
+        for stage, run in DECIDING_STAGES:
+            mail.stage = stage
+            run(mail, ctx, session)
+        assert mail.fate is not None, "the decide stage settles every message"
+        record_attempt(session, mail.inbound_id, mail.fate)
+
+
+def _mid(mail: IncomingMail) -> str:
+    return (mail.parsed.message_id if mail.parsed else None) or "(no Message-ID)"
+
+
+def _record_failure(ctx: PipelineContext, mail: IncomingMail, exc: Exception) -> Fate | None:
+    """Mark the message failed at its stage (with the traceback) and schedule an automatic
+    retry when the failure is transient; None if the message is no longer this process's."""
+    stage, owner = mail.stage, mail.lease_owner
+    assert stage is not None and owner is not None, "fail a message while processing it"
+    error = "".join(traceback.format_exception(exc))
+    failed_at = utcnow()
+    with ctx.sessions.begin() as session:
+        attempts = repo.mark_failed(session, mail.inbound_id, owner, stage, error, failed_at)
+        if attempts is None:
+            return None
+        record_attempt(session, mail.inbound_id, Fate.FAILED, stage, error)
+        retry = retry_at(ctx.settings.retry, exc, attempts, failed_at)
+        if retry:
+            repo.schedule_retry(session, mail.inbound_id, retry)
+    log.warning(
+        "message %s %s failed at %s: %s: %s",
+        mail.inbound_id,
+        _mid(mail),
+        stage,
+        type(exc).__name__,
+        exc,
+    )
+    return Fate.FAILED
+
+
+def process_pending(
+    ctx: PipelineContext, on_done: Callable[[Fate | None], None] | None = None
+) -> int:
+    """Process every message still `received` (new, or left by a crash); return how many."""
+    with ctx.sessions() as session:
+        ids = repo.pending_ids(session)
+    for inbound_id in ids:
+        fate = process(ctx, inbound_id)
+        if on_done:
+            on_done(fate)
+    return len(ids)

@@ -1,0 +1,146 @@
+"""The stages a message goes through, as one named table (like GNU Mailman's
+`core/pipelines.py`): plain functions that read and fill the one `IncomingMail`.
+
+`EXAMINE_STAGES` need no database and run before any transaction (parse, detect, extract);
+`rules test` and `parse` run them too. `DECIDING_STAGES` run in one transaction, committed
+together or not at all: claim the row, recognise a re-delivery, find the ticket a reply
+answers, route, make the one decision "ticket, comment, duplicate or drop", pick the assignee
+(only for a certain new ticket, so nothing else moves a round-robin cursor), store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
+
+from ingest.detect import detect, find_follow_up, loop_reason
+from ingest.extract import extract
+from ingest.mail import Earlier, IncomingMail
+from ingest.parse import parse
+from pipeline.context import PipelineContext, with_ticket_defaults
+from pipeline.store import store
+from storage import repo
+from storage.models import Fate, Stage
+
+ExamineStage = Callable[[IncomingMail, PipelineContext], None]
+DecidingStage = Callable[[IncomingMail, PipelineContext, Session], None]
+
+
+class MessageTooLarge(ValueError):
+    pass
+
+
+class NotOurs(Exception):
+    """The row is no longer this process's to work on (done, or its lease taken over)."""
+
+
+def parse_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
+    limit = ctx.settings.intake.max_message_bytes
+    if len(mail.raw) > limit:
+        raise MessageTooLarge(f"message is {len(mail.raw)} bytes, over the limit of {limit}")
+    mail.parsed = parse(mail.raw)
+
+
+def detect_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
+    detect(mail)
+
+
+def extract_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
+    extract(mail, ctx.source_templates())
+
+
+def claim_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
+    """Lock the row for this transaction while this thread holds its lease."""
+    if mail.lease_owner is None or not repo.claim(session, mail.inbound_id, mail.lease_owner):
+        raise NotOurs(mail.inbound_id)
+
+
+def dedupe_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
+    """A re-delivery of a message that already made its record is a duplicate: decided here,
+    before routing, so it costs no rule work."""
+    earlier = repo.first_record_of(session, mail.dedupe_key, mail.inbound_id)
+    if earlier is not None:
+        mail.duplicate_of = Earlier(earlier.id, earlier.ticket_id)
+        mail.fate = Fate.DUPLICATE
+
+
+def follow_up_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
+    if mail.fate is None:
+        mail.follow_up_ticket_id = find_follow_up(mail, session, ctx.settings.tickets.key_prefix)
+
+
+def route_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
+    """Ask the router; it reads the mail and the rules and writes nothing."""
+    if mail.fate is None:
+        mail.decision = with_ticket_defaults(ctx.router(mail), ctx.settings.tickets)
+
+
+def decide_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
+    """The one decision: drop, comment on the ticket it answers, or open a ticket."""
+    if mail.fate is not None:
+        return
+    mail.drop_reason = drop_reason(mail, ctx.settings.detect.own_senders)
+    if mail.drop_reason:
+        mail.fate = Fate.DROPPED
+    elif mail.follow_up_ticket_id is not None:
+        mail.fate = Fate.COMMENT
+    else:
+        mail.fate = Fate.TICKET
+
+
+def drop_reason(mail: IncomingMail, own_senders: list[str]) -> str | None:
+    """Why a routed mail opens nothing: a loop (a ticket or comment would feed it), a rule's
+    `drop`, or an auto-reply that answers no ticket and that no rule lets through."""
+    decision = mail.decision
+    assert decision is not None, "decide after routing"
+    loop = loop_reason(mail, own_senders)
+    if loop:
+        return loop
+    if decision.drop_reason:
+        return decision.drop_reason
+    if mail.auto_reply and mail.follow_up_ticket_id is None and not decision.allow_auto_reply:
+        return f"auto-reply: {mail.auto_reply}"
+    return None
+
+
+def assign_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
+    """Pick the team member for a new ticket; nothing else takes a round-robin turn."""
+    decision = mail.decision
+    if mail.fate is Fate.TICKET and decision is not None and decision.assign is not None:
+        decision.assignee = decision.assign(session)
+
+
+def store_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
+    store(session, mail, ctx.settings.tickets.key_prefix)
+
+
+EXAMINE_STAGES: tuple[tuple[Stage, ExamineStage], ...] = (
+    (Stage.PARSE, parse_stage),
+    (Stage.DETECT, detect_stage),
+    (Stage.EXTRACT, extract_stage),
+)
+DECIDING_STAGES: tuple[tuple[Stage, DecidingStage], ...] = (
+    (Stage.CLAIM, claim_stage),
+    (Stage.DEDUPE, dedupe_stage),
+    (Stage.FOLLOW_UP, follow_up_stage),
+    (Stage.ROUTE, route_stage),
+    (Stage.DECIDE, decide_stage),
+    (Stage.ASSIGN, assign_stage),
+    (Stage.STORE, store_stage),
+)
+# What a routing dry run (`rules test`, `rules diff`) runs after `examine`: no claim, no
+# duplicate check and nothing stored; its router only reads a round-robin cursor.
+DRY_RUN_STAGES = tuple(
+    (stage, run)
+    for stage, run in DECIDING_STAGES
+    if stage in (Stage.FOLLOW_UP, Stage.ROUTE, Stage.DECIDE, Stage.ASSIGN)
+)
+STAGES: tuple[Stage, ...] = tuple(stage for stage, _ in (*EXAMINE_STAGES, *DECIDING_STAGES))
+
+
+def examine(mail: IncomingMail, ctx: PipelineContext) -> None:
+    """The stages that need no database."""
+    for stage, run in EXAMINE_STAGES:
+        mail.stage = stage
+        run(mail, ctx)

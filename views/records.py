@@ -1,0 +1,116 @@
+"""The ledger, tickets and attempts as plain dicts: what `--json` prints and what the human
+output is made from. The CLI (and any other front end) shows these and nothing else."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ingest.headers import decoded_headers, first_header
+from storage import repo
+from storage.models import InboundMessage, ProcessingAttempt, Ticket
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def ticket_view(ticket: Ticket) -> dict[str, Any]:
+    return {
+        "key": ticket.key,
+        "created_at": iso(ticket.created_at),
+        "source_kind": ticket.source_kind,
+        "category": ticket.category,
+        "subject": ticket.subject,
+        "requester_name": ticket.requester_name,
+        "requester_email": ticket.requester_email,
+        "requester_phone": ticket.requester_phone,
+        "requester_company": ticket.requester_company,
+        "assignee": ticket.assignee,
+        "priority": ticket.priority,
+        "status": ticket.status,
+        "due_at": iso(ticket.due_at),
+        "labels": ticket.labels,
+        "fields": ticket.fields,
+        "rule_names": ticket.rule_names,
+        "rules_version": ticket.rules_version,
+        "inbound_message_id": ticket.inbound_message_id,
+    }
+
+
+def message_view(message: InboundMessage) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "received_at": iso(message.received_at),
+        "source": message.source,
+        "message_id": message.message_id,
+        "mail_from": message.mail_from,
+        "rcpt_to": message.rcpt_to,
+        "peer": message.peer,
+        "size": message.size,
+        "sha256": message.sha256,
+        "status": message.status,
+        "fail_stage": message.fail_stage,
+        "error": message.error,
+        "attempts": message.attempts,
+        "processed_at": iso(message.processed_at),
+        "drop_reason": message.drop_reason,
+        "rule_hits": message.rule_hits,
+        "rule_misses": message.rule_misses,
+        "defects": message.defects,
+        "ticket_id": message.ticket_id,
+        "duplicate_of_id": message.duplicate_of_id,
+        "next_attempt_at": iso(message.next_attempt_at),
+        "discard_reason": message.discard_reason,
+    }
+
+
+def attempt_view(attempt: ProcessingAttempt) -> dict[str, Any]:
+    return {
+        "attempted_at": iso(attempt.attempted_at),
+        "outcome": attempt.outcome,
+        "stage": attempt.stage,
+        "error": short_error(attempt.error),
+        "host": attempt.host,
+        "pid": attempt.pid,
+        "username": attempt.username,
+        "command": attempt.command,
+    }
+
+
+def history_of(session: Session, inbound_id: int) -> list[dict[str, Any]]:
+    return [attempt_view(a) for a in repo.attempts_of(session, inbound_id)]
+
+
+def failed_view(message: InboundMessage, raw_head: bytes) -> dict[str, Any]:
+    headers = decoded_headers(raw_head)
+    return {
+        "id": message.id,
+        "received_at": iso(message.received_at),
+        "source": message.source,
+        "message_id": message.message_id,
+        "from": first_header(headers, "From") or message.mail_from,
+        "subject": first_header(headers, "Subject"),
+        "stage": message.fail_stage,
+        "error": short_error(message.error),
+        "attempts": message.attempts,
+        "failed_at": iso(message.processed_at),
+        "next_attempt_at": iso(message.next_attempt_at),
+    }
+
+
+SQLALCHEMY_FOOTER = "(Background on this error at:"  # SQLAlchemy's last line: a link, no news
+
+
+def short_error(error: str | None) -> str | None:
+    """The last line of a traceback: the exception type and message."""
+    if not error:
+        return error
+    lines = [
+        line
+        for line in error.strip().splitlines()
+        if line.strip() and not line.startswith(SQLALCHEMY_FOOTER)
+    ]
+    return lines[-1].strip() if lines else None
