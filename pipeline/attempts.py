@@ -45,7 +45,7 @@ def current_actor() -> Actor:
     except (KeyError, OSError):  # no login name in some containers
         username = None
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "?"
-    return Actor(socket.gethostname()[:255], os.getpid(), username and username[:64], command[:255])
+    return Actor(socket.gethostname(), os.getpid(), username, command)
 
 
 def is_transient(exc: BaseException) -> bool:

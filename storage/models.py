@@ -258,7 +258,7 @@ class ProcessingAttempt(Base):
     outcome: Mapped[str] = mapped_column(String(16))  # a Fate value
     stage: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
-    host: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(ClippedString(255))
     pid: Mapped[int] = mapped_column(Integer)
-    username: Mapped[str | None] = mapped_column(String(64))
-    command: Mapped[str] = mapped_column(String(255))
+    username: Mapped[str | None] = mapped_column(ClippedString(64))
+    command: Mapped[str] = mapped_column(ClippedString(255))
