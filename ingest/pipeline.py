@@ -18,11 +18,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from ingest.attempts import lease_abandoned, lease_owner, record_attempt, retry_at
+from ingest.attempts import lease_abandoned, lease_owner, record_attempt
 from ingest.detect import detect, find_follow_up, loop_reason
 from ingest.extract import Template, extract, load_templates
 from ingest.mail import Decision, Envelope, IncomingMail
 from ingest.parse import parse
+from ingest.retry import retry_at
 from ingest.store import store, store_if_duplicate
 from rules.defaults import default_decision
 from storage import repo

@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 
 from cli import app
 from config import Settings
-from ingest.attempts import is_transient
 from ingest.intake import receive
 from ingest.mail import Envelope
 from ingest.pipeline import PipelineContext, process
 from ingest.replay import SKIPPED, parse_since, replay, retry_due
+from ingest.retry import is_transient
 from ingest.service import ProcessingWorker
 from storage import db
 from storage.models import InboundMessage, MessageStatus, ProcessingAttempt, Ticket
