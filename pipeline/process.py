@@ -15,9 +15,10 @@ from collections.abc import Callable
 from sqlalchemy.exc import IntegrityError
 
 from ingest.mail import Envelope, IncomingMail
-from pipeline.attempts import record_attempt, retry_at
+from pipeline.attempts import record_attempt
 from pipeline.context import PipelineContext
 from pipeline.leases import INTERRUPTED_LIMIT, lease_owner, take_lease
+from pipeline.retry import retry_at
 from pipeline.stages import DECIDING_STAGES, NotOurs, examine
 from storage import repo
 from storage.models import PROCESSABLE, Fate, InboundMessage, Stage, utcnow

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import re
 import select
 import shlex
@@ -42,12 +41,15 @@ from config import ImapAccount, Settings
 from ingest.headers import first_message_id
 from ingest.intake import receive
 from ingest.mail import Envelope
+from pipeline.retry import backoff_delay
 from storage import repo
 
 log = logging.getLogger(__name__)
 
 SOURCE = "imap"
 STOP_CHECK_SECONDS = 0.5  # how soon a waiting fetcher notices that it should stop
+# Half of each reconnect wait is random, so fetchers that failed together do not retry in step.
+RECONNECT_JITTER = 0.5
 # A message that ended the connection this many times when fetched alone is given up on.
 DROPS_BEFORE_GIVING_UP = 2
 TOKEN_COMMAND_TIMEOUT_SECONDS = 30
@@ -257,24 +259,6 @@ def _idle_line(client: IMAPClient, timeout: float) -> bytes | None:
 # --- one account's folder ----------------------------------------------------------------------
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff with jitter: the n-th wait is random in [d/2, d], d = initial*2^(n-1),
-    at most `maximum`, so fetchers that failed together do not retry in lockstep."""
-
-    initial: float
-    maximum: float
-    failures: int = 0
-
-    def next_delay(self) -> float:
-        self.failures += 1
-        ceiling = min(self.maximum, self.initial * 2 ** min(self.failures - 1, 32))
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
 class FolderFetcher:
     """Fetches one folder of one account into the ledger; `run()` forever, `fetch_once()` for
     cron. Not thread-safe: one thread per fetcher."""
@@ -327,18 +311,25 @@ class FolderFetcher:
 
     def run(self, stop: threading.Event) -> None:
         """Fetch, wait for news, fetch again, until `stop` is set; never raises."""
-        backoff = Backoff(self.imap.backoff_initial_seconds, self.imap.backoff_max_seconds)
         self._last_success = time.monotonic()
         self._stop = stop
+        failures = 0  # in a row: a sync starts the backoff over
         while not stop.is_set():
             try:
                 with self._connection() as client:
                     while not stop.is_set():
                         self._sync(client)
-                        self._succeeded(backoff)
+                        failures = 0
+                        self._succeeded()
                         self._wait_for_mail(client, stop)
             except Exception as exc:
-                delay = backoff.next_delay()
+                failures += 1
+                delay = backoff_delay(
+                    failures,
+                    self.imap.backoff_initial_seconds,
+                    self.imap.backoff_max_seconds,
+                    jitter=RECONNECT_JITTER,
+                )
                 self._report_failure(exc, delay)
                 stop.wait(delay)
 
@@ -588,8 +579,7 @@ class FolderFetcher:
                 break
         client.idle_done()
 
-    def _succeeded(self, backoff: Backoff) -> None:
-        backoff.reset()
+    def _succeeded(self) -> None:
         self._last_success = time.monotonic()
         if self._stalled:
             self._stalled = False

@@ -22,9 +22,9 @@ from cli import app
 from config import Settings
 from ingest.intake import receive
 from ingest.mail import Envelope
-from pipeline.attempts import is_transient
 from pipeline.process import PipelineContext, process
 from pipeline.replay import SKIPPED, parse_since, replay, retry_due
+from pipeline.retry import is_transient
 from sources.service import ProcessingWorker
 from storage import db
 from storage.models import Fate, InboundMessage, ProcessingAttempt, Ticket

@@ -25,7 +25,6 @@ from cli import app
 from config import ImapAccount, ImapSettings, Settings
 from pipeline.process import PipelineContext, process
 from sources.imap import (
-    Backoff,
     CredentialError,
     FolderFetcher,
     Hooks,
@@ -228,15 +227,6 @@ def test_account_needs_exactly_one_credential_and_a_move_target():
     assert "x" not in repr(ImapAccount(**base, password="x").password)
     with pytest.raises(ValidationError, match="unique: inquiry"):
         ImapSettings(accounts=[{**base, "password_env": "X"}] * 2)
-
-
-def test_backoff_grows_with_jitter_up_to_the_maximum():
-    backoff = Backoff(initial=1, maximum=8)
-    delays = [backoff.next_delay() for _ in range(6)]
-    for delay, ceiling in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
-        assert ceiling / 2 <= delay <= ceiling
-    backoff.reset()
-    assert backoff.next_delay() <= 1
 
 
 # --- fetching ----------------------------------------------------------------------------------
