@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import phonenumbers
 import re2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from config import ConfigError, describe_validation_error, load_yaml
+from config import load_yaml_model
 from ingest.mail import IncomingMail, ParsedMail
 from rules.schema import compile_regex
 
@@ -137,15 +137,12 @@ class TemplateFile(Model):
 
 def load_templates(path: Path) -> list[Template]:
     """Templates from a YAML file; a missing file means no templates, a bad one raises
-    ConfigError saying file:line: key: problem."""
+    ConfigError saying `file:line:column: dotted.key: problem` for each problem."""
     if not path.exists():
         log.warning("no templates file at %s: template fields will not be extracted", path)
         return []
-    data = load_yaml(path) or {}
-    try:
-        return TemplateFile.model_validate(data).templates
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, data, path)) from exc
+    model, _ = load_yaml_model(path, TemplateFile)
+    return model.templates
 
 
 def _split_label(line: str) -> list[tuple[str, str]]:

@@ -150,9 +150,11 @@ def test_a_bad_templates_file_names_the_line_and_key(tmp_path):
     )
     with pytest.raises(ConfigError) as error:
         load_templates(path)
-    message = str(error.value)
-    assert f"{path}:4: templates.0.match: Value error, give at least one of" in message
-    assert f"{path}:6: templates.0.fields.0.type:" in message
+    assert [str(p) for p in error.value.problems] == [
+        f"{path}:4:5: templates.0.match: give at least one of sender, subject, body",
+        f"{path}:6:31: templates.0.fields.0.type: `money` is not allowed here: write 'text', "
+        "'name', 'phone', 'email', 'datetime' or 'integer'",
+    ]
 
 
 def test_template_regexes_are_re2_and_a_pattern_it_refuses_names_the_line(tmp_path):
@@ -168,9 +170,9 @@ def test_template_regexes_are_re2_and_a_pattern_it_refuses_names_the_line(tmp_pa
     with pytest.raises(ConfigError) as error:
         load_templates(path)
     message = str(error.value)
-    assert f"{path}:4: templates.0.match.subject: Value error, bad regular expression" in message
+    assert f"{path}:4:13: templates.0.match.subject: bad regular expression" in message
     assert "invalid perl operator: (?<=" in message
-    assert f"{path}:6: templates.0.fields.0.pattern: Value error, bad regular expression" in message
+    assert f"{path}:6:18: templates.0.fields.0.pattern: bad regular expression" in message
 
 
 def test_a_missing_templates_file_means_no_templates(tmp_path):
