@@ -1,14 +1,25 @@
-"""The shipped source templates extract every field of their test mails, typed."""
+"""The shipped source templates extract every field of their test mails, typed, in linear time
+whatever the mail holds."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
+import ingest.extract
 from config import ConfigError
-from ingest.extract import extract, load_templates, parse_datetime, parse_phone
+from ingest.extract import (
+    extract,
+    is_separator,
+    load_templates,
+    parse_datetime,
+    parse_phone,
+    undecorated,
+    without_honorific,
+)
 from ingest.mail import Envelope, IncomingMail
 from ingest.parse import parse
 from tests.conftest import DATA
@@ -18,7 +29,10 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "templates.yaml"
 
 
 def extracted(name: str) -> IncomingMail:
-    raw = (DATA / name).read_bytes()
+    return extracted_from((DATA / name).read_bytes())
+
+
+def extracted_from(raw: bytes) -> IncomingMail:
     mail = IncomingMail(1, raw, Envelope(source="file"), received_at=None)  # type: ignore[arg-type]
     mail.parsed = parse(raw)
     extract(mail, load_templates(TEMPLATES))
@@ -173,6 +187,83 @@ def test_template_regexes_are_re2_and_a_pattern_it_refuses_names_the_line(tmp_pa
     assert f"{path}:4:13: templates.0.match.subject: bad regular expression" in message
     assert "invalid perl operator: (?<=" in message
     assert f"{path}:6:18: templates.0.fields.0.pattern: bad regular expression" in message
+
+
+HOSTILE_FORM = (
+    "From: wordpress@wine-importer.example.jp\nSubject: x\n\n"
+    "お問い合わせフォームから送信されました\nx" + " " * 30000 + "y: v"
+)
+
+
+def test_a_30_kb_line_of_spaces_is_extracted_promptly():
+    """Python's `re` took over a minute on this line (backtracking in the label decoration);
+    RE2 and plain string code take milliseconds. Quadratic code would make this test hang."""
+    mail = extracted_from(HOSTILE_FORM.encode("utf-8"))
+    assert mail.fields == {"template": "contact-form"}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "お名前: 山田" + " " * 30000 + "x",  # name: honorific at the end
+        "お名前: " + "　" * 30000 + "様x",  # full-width spaces
+        "メールアドレス: " + "a" * 30000,  # email: a local part without @
+        "メールアドレス: " + "a@" * 15000,
+        "電話番号: " + "1 " * 15000,  # phone
+        "お名前: " + "<" * 15000 + "a" * 15000,  # name: angle-bracket address removal
+        "【" * 15000 + " " * 15000 + "】お名前: 山田",  # label decoration
+        " " * 30000 + "-",  # a separator line inside a multi-line value
+    ],
+)
+def test_hostile_field_values_are_extracted_promptly(line):
+    body = f"お問い合わせフォームから送信されました\nお問い合わせ内容:\n{line}\n{line}\n"
+    raw = f"From: wordpress@wine-importer.example.jp\nSubject: x\n\n{body}x\n"
+    mail = extracted_from(raw.encode("utf-8"))
+    assert mail.fields["template"] == "contact-form"
+
+
+def test_hostile_datetimes_are_read_promptly():
+    for text in ["1/1/1(" * 5000, "令和" + " " * 30000, "2026年1月1日" + "(" * 30000]:
+        parse_datetime(text)
+
+
+def test_no_python_re_pattern_runs_on_mail_text():
+    """Every pattern in the extraction module is RE2 (linear time)."""
+    assert not [name for name, value in vars(ingest.extract).items() if value is re]
+    assert not [
+        name for name, value in vars(ingest.extract).items() if isinstance(value, re.Pattern)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("label", "plain"),
+    [("■お名前", "お名前"), ("【会社名】", "会社名"), (" ・電話番号 ", "電話番号"),
+     ("[お名前]", "お名前"), ("（TEL）", "TEL"), ("　＜Eメール＞　", "Eメール"), ("■", ""),
+     ("お名前", "お名前")],
+)  # fmt: skip
+def test_label_decoration_is_removed(label, plain):
+    assert undecorated(label) == plain
+
+
+def test_honorifics_and_separators():
+    assert [
+        without_honorific(n) for n in ["山田 様", "山田さま", "山田　殿", "佐藤さん", "様"]
+    ] == [
+        "山田",
+        "山田",
+        "山田",
+        "佐藤",
+        "",
+    ]
+    assert without_honorific("山田様さん") == "山田様"
+    assert [is_separator(line) for line in ["----", " ＝＝＝ ", "━━", "-", "-=-", "--x"]] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_a_missing_templates_file_means_no_templates(tmp_path):
