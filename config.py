@@ -6,6 +6,9 @@ every key keeps its line and column), then a pydantic model; every problem reads
 `file:line:column: dotted.key: problem` (` — did you mean `x`?` for an unknown key), or
 `environment MAILINTAKE_SMTP__PORT: smtp.port: problem` for a value an environment variable set.
 Environment variables win over the file (`MAILINTAKE_DATABASE__URL` overrides `database.url`).
+
+`timezone` is the service's one time zone (business hours, template times without a zone,
+times shown to people); stored times are UTC.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -40,6 +44,17 @@ from ruamel.yaml.error import YAMLError
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
 CONFIG_ENV_VAR = "MAILINTAKE_CONFIG"
+DEFAULT_TIMEZONE = "Asia/Tokyo"
+
+
+def zone_named(name: str) -> ZoneInfo:
+    """The IANA time zone `name` (Asia/Tokyo); ValueError in plain words for an unknown one."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone `{name}` (write an IANA name, e.g. Asia/Tokyo)"
+        ) from None
 
 
 class Section(BaseModel):
@@ -213,6 +228,9 @@ class Settings(BaseSettings):
         env_prefix="MAILINTAKE_", env_nested_delimiter="__", extra="forbid"
     )
 
+    # The service's one time zone: business hours and due times in the rules, template times
+    # written without a zone, and times shown to people. Stored times are UTC whatever it is.
+    timezone: str = DEFAULT_TIMEZONE
     database: DatabaseSettings = DatabaseSettings()
     tickets: TicketSettings = TicketSettings()
     intake: IntakeSettings = IntakeSettings()
@@ -223,6 +241,16 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = SmtpSettings()
     lmtp: LmtpSettings = LmtpSettings()
     imap: ImapSettings = ImapSettings()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        zone_named(value)
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return zone_named(self.timezone)
 
     @classmethod
     def settings_customise_sources(

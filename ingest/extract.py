@@ -4,7 +4,8 @@ their labelled fields (`お名前：山田`, `電話番号: 03-1234-5678`) out o
 Templates are declarative (`templates.yaml`, validated by the pydantic models below). Labels
 match regardless of full-width/half-width forms, spaces and colon style (`:` `：`), because
 both sides are compared after NFKC normalisation; values are kept as written, and typed values
-are added beside them (a phone number's E.164 form, a timestamp in ISO 8601).
+are added beside them (a phone number's E.164 form, a timestamp in ISO 8601; a time written
+without a zone is in the service's zone, which the caller passes).
 
 Everything that runs on mail text is linear in its length, whatever the mail holds: regular
 expressions are RE2 (those ops write in templates and the built-in ones alike), and the small
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, tzinfo
 from fnmatch import fnmatchcase
 from functools import cached_property
 from pathlib import Path
@@ -26,13 +27,13 @@ import phonenumbers
 import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from config import load_yaml_model
+from config import DEFAULT_TIMEZONE, load_yaml_model, zone_named
 from ingest.mail import IncomingMail, ParsedMail
 from rules.schema import compile_regex
 
 log = logging.getLogger(__name__)
 
-JST = timezone(timedelta(hours=9))
+DEFAULT_ZONE = zone_named(DEFAULT_TIMEZONE)
 PHONE_REGION = "JP"
 # RE2's \s is ASCII; this is every character Python's str.isspace() knows (U+3000 too).
 SPACE = r"[\s\p{Z}\x{0B}\x{1C}-\x{1F}\x{85}]"
@@ -239,8 +240,9 @@ def parse_phone(value: str) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-def parse_datetime(value: str) -> datetime | date | None:
-    """`2026年11月22日 10時23分`, `2026/11/22 10:23`, `令和8年11月22日` -> JST time (or date)."""
+def parse_datetime(value: str, zone: tzinfo = DEFAULT_ZONE) -> datetime | date | None:
+    """`2026年11月22日 10時23分`, `2026/11/22 10:23`, `令和8年11月22日` -> that time in `zone`
+    (the service's zone: these forms carry none), or the date alone."""
     found = DATETIME_RE.search(unicodedata.normalize("NFKC", value))
     if not found:
         return None
@@ -254,13 +256,13 @@ def parse_datetime(value: str) -> datetime | date | None:
             hour += 12
         return datetime(
             day.year, day.month, day.day, hour, int(found["minute"]),
-            int(found["second"] or 0), tzinfo=JST,
+            int(found["second"] or 0), tzinfo=zone,
         )  # fmt: skip
     except ValueError:
         return None
 
 
-def typed(spec: FieldSpec, value: str) -> dict[str, Any]:
+def typed(spec: FieldSpec, value: str, zone: tzinfo = DEFAULT_ZONE) -> dict[str, Any]:
     """The field's entries: the value (as written, or converted) and its typed companions."""
     key = spec.key
     if spec.type == "phone":
@@ -273,7 +275,7 @@ def typed(spec: FieldSpec, value: str) -> dict[str, Any]:
         name = without_honorific(ANGLE_BRACKETS.sub("", value).strip().strip('"'))
         return {key: name} if name else {}
     if spec.type == "datetime":
-        when = parse_datetime(value)
+        when = parse_datetime(value, zone)
         return {key: when.isoformat(), f"{key}_text": value} if when else {f"{key}_text": value}
     if spec.type == "integer":
         number = INTEGER_RE.search(unicodedata.normalize("NFKC", value))
@@ -285,7 +287,9 @@ def matching_template(templates: list[Template], parsed: ParsedMail) -> Template
     return next((t for t in templates if t.match.matches(parsed)), None)
 
 
-def extract_fields(template: Template, parsed: ParsedMail) -> dict[str, Any]:
+def extract_fields(
+    template: Template, parsed: ParsedMail, zone: tzinfo = DEFAULT_ZONE
+) -> dict[str, Any]:
     """Every field of `template` found in `parsed`, typed; missing fields are left out."""
     all_labels = frozenset().union(*(spec.normalised_labels for spec in template.fields))
     fields: dict[str, Any] = {}
@@ -294,15 +298,16 @@ def extract_fields(template: Template, parsed: ParsedMail) -> dict[str, Any]:
             continue  # an earlier spec for the same key already found it
         value = _raw_value(spec, parsed, all_labels)
         if value:
-            fields.update(typed(spec, value))
+            fields.update(typed(spec, value, zone))
     return fields
 
 
-def extract(mail: IncomingMail, templates: list[Template]) -> None:
-    """Set `mail.source_kind` and `mail.fields` from the first template that matches."""
+def extract(mail: IncomingMail, templates: list[Template], zone: tzinfo = DEFAULT_ZONE) -> None:
+    """Set `mail.source_kind` and `mail.fields` from the first template that matches. Times
+    written without a zone are read in `zone`: pass the service's (`Settings.zone`)."""
     assert mail.parsed is not None
     template = matching_template(templates, mail.parsed)
     if template is None:
         return
     mail.source_kind = template.source_kind
-    mail.fields = {"template": template.name, **extract_fields(template, mail.parsed)}
+    mail.fields = {"template": template.name, **extract_fields(template, mail.parsed, zone)}

@@ -13,8 +13,10 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from config import (
+    DEFAULT_TIMEZONE,
     ConfigError,
     Loc,
     Problem,
@@ -22,6 +24,7 @@ from config import (
     did_you_mean,
     load_yaml_model,
     position,
+    zone_named,
 )
 from rules.engine import CompiledRules
 from rules.schema import Actions, RulesFile
@@ -119,10 +122,14 @@ def _warnings(model: RulesFile, source: YamlSource) -> list[Problem]:
     return found
 
 
-def load_rules(path: Path) -> CompiledRules:
-    """Read, validate and compile a rules file; RulesError lists everything wrong with it."""
+def load_rules(path: Path, zone: ZoneInfo | str = DEFAULT_TIMEZONE) -> CompiledRules:
+    """Read, validate and compile a rules file; RulesError lists everything wrong with it.
+
+    `zone` is the service's time zone (config `timezone`): business hours are kept in it.
+    """
+    context = {"zone": zone if isinstance(zone, ZoneInfo) else zone_named(zone)}
     try:
-        model, source = load_yaml_model(path, RulesFile, about=rule_name)
+        model, source = load_yaml_model(path, RulesFile, context=context, about=rule_name)
     except ConfigError as exc:
         raise RulesError(*exc.problems) from None
     problems = [source.problem(loc, message) for loc, message in _cross_problems(model)]

@@ -13,10 +13,20 @@ import difflib
 import re
 from datetime import date, time
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import re2
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from config import DEFAULT_TIMEZONE, zone_named
 
 SOURCE_KINDS = ("phone", "fax", "webform", "email")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -292,28 +302,49 @@ class Team(Strict):
 
 
 class BusinessHours(Strict):
-    """Opening hours for `business_hours` conditions and `next_business_day` due times."""
+    """Opening hours for `business_hours` conditions and `next_business_day` due times, in the
+    service's one time zone (`timezone` in config.yaml, given to the loader). Japan's public
+    holidays are closed without being listed: they come from the `holidays` package, so every
+    year is right. `closures` lists the company's own closed days (year-end, summer)."""
 
-    timezone: str = "Asia/Tokyo"
-    weekdays: list[Weekday] = Field(default_factory=lambda: list(WORKDAYS))
+    weekdays: list[Weekday] = Field(default_factory=lambda: list(WORKDAYS), min_length=1)
     open: time = time(9, 0)
     close: time = time(18, 0)
-    holidays: list[date] = Field(default_factory=list)
+    closures: list[date] = Field(default_factory=list)
+    # Keys that moved: refused, saying where they went.
+    timezone: Any = None
+    holidays: Any = None
+    _zone: ZoneInfo = PrivateAttr(default_factory=lambda: zone_named(DEFAULT_TIMEZONE))
 
-    @field_validator("timezone")
+    @field_validator("timezone", mode="before")
     @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone `{value}` (e.g. Asia/Tokyo)") from None
-        return value
+    def _zone_moved(cls, value: Any) -> Any:
+        raise ValueError(
+            "the time zone is set once for the whole service: `timezone` in config.yaml "
+            "(or MAILINTAKE_TIMEZONE); remove it here"
+        )
+
+    @field_validator("holidays", mode="before")
+    @classmethod
+    def _holidays_moved(cls, value: Any) -> Any:
+        raise ValueError(
+            "public holidays come from the `holidays` package (Japan's calendar, every year); "
+            "list only the company's own closed days, under `closures`"
+        )
 
     @model_validator(mode="after")
     def _open_before_close(self) -> BusinessHours:
         if self.open >= self.close:
             raise ValueError(f"`open` ({self.open}) must be before `close` ({self.close})")
         return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The zone the hours are in: the service's, set by the loader."""
+        return self._zone
+
+    def use_zone(self, zone: ZoneInfo) -> None:
+        self._zone = zone
 
 
 class RulesFile(Strict):
@@ -336,6 +367,14 @@ class RulesFile(Strict):
         if isinstance(value, dict):
             return {name: person or {} for name, person in value.items()}
         return value
+
+    @model_validator(mode="after")
+    def _service_zone(self, info: ValidationInfo) -> RulesFile:
+        """Business hours are in the zone the loader passes (`context={"zone": ZoneInfo}`)."""
+        zone = (info.context or {}).get("zone")
+        if zone is not None:
+            self.business_hours.use_zone(zone)
+        return self
 
 
 def parse_due(text: str) -> tuple[int, time | None]:

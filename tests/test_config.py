@@ -149,3 +149,23 @@ def test_a_file_that_is_not_utf8_names_the_line_and_column(tmp_path):
     path.write_bytes("tickets:\n  default_assignee: 山田\n".encode("shift_jis"))
     with pytest.raises(ConfigError, match=rf"^{path}:2:21: not UTF-8"):
         load_settings(path)
+
+
+def test_the_time_zone_is_one_setting_asia_tokyo_by_default(tmp_path, monkeypatch):
+    assert load_settings(ROOT / "config.yaml").zone.key == "Asia/Tokyo"
+    path = tmp_path / "c.yaml"
+    path.write_text("timezone: Europe/Berlin\n", encoding="utf-8")
+    assert load_settings(path).zone.key == "Europe/Berlin"
+    monkeypatch.setenv("MAILINTAKE_TIMEZONE", "America/New_York")
+    assert load_settings(path).zone.key == "America/New_York"
+
+
+def test_an_unknown_time_zone_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("timezone: Asia/Tokio\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value) == (
+        f"{path}:1:1: timezone: unknown time zone `Asia/Tokio` (write an IANA name, e.g. "
+        "Asia/Tokyo)"
+    )

@@ -1,11 +1,12 @@
-"""The shipped source templates extract every field of their test mails, typed, in linear time
-whatever the mail holds."""
+"""The shipped source templates extract every field of their test mails, typed; in the zone
+given; in linear time whatever the mail holds."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -28,14 +29,17 @@ from tests.mails import simple_mail
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates.yaml"
 
 
-def extracted(name: str) -> IncomingMail:
-    return extracted_from((DATA / name).read_bytes())
+def extracted(name: str, zone: ZoneInfo | None = None) -> IncomingMail:
+    return extracted_from((DATA / name).read_bytes(), zone)
 
 
-def extracted_from(raw: bytes) -> IncomingMail:
+def extracted_from(raw: bytes, zone: ZoneInfo | None = None) -> IncomingMail:
     mail = IncomingMail(1, raw, Envelope(source="file"), received_at=None)  # type: ignore[arg-type]
     mail.parsed = parse(raw)
-    extract(mail, load_templates(TEMPLATES))
+    if zone is None:
+        extract(mail, load_templates(TEMPLATES))
+    else:
+        extract(mail, load_templates(TEMPLATES), zone)
     return mail
 
 
@@ -187,6 +191,16 @@ def test_template_regexes_are_re2_and_a_pattern_it_refuses_names_the_line(tmp_pa
     assert f"{path}:4:13: templates.0.match.subject: bad regular expression" in message
     assert "invalid perl operator: (?<=" in message
     assert f"{path}:6:18: templates.0.fields.0.pattern: bad regular expression" in message
+
+
+def test_a_template_time_without_a_zone_is_read_in_the_zone_given():
+    """The service's one zone (config `timezone`) is passed in; Asia/Tokyo is the default."""
+    berlin = extracted("answering-service.eml", ZoneInfo("Europe/Berlin"))
+    assert berlin.fields["received_at"] == "2026-11-22T10:23:00+01:00"
+    assert berlin.fields["received_at_text"] == "2026年11月22日(日) 10時23分"
+    assert extracted("answering-service.eml").fields["received_at"] == "2026-11-22T10:23:00+09:00"
+    summer = parse_datetime("2026/07/01 09:00", ZoneInfo("Europe/Berlin"))
+    assert summer is not None and summer.isoformat() == "2026-07-01T09:00:00+02:00"
 
 
 HOSTILE_FORM = (
