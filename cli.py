@@ -104,7 +104,7 @@ class Runtime:
         path = self.settings.rules.path
         if path is not None and self._rules is None:
             try:
-                self._rules = RulesHolder.load(path)
+                self._rules = RulesHolder.load(path, self.settings.zone)
             except RulesError as exc:
                 raise fail(f"rules file refused:\n{exc}", EXIT_USAGE) from exc
         return self._rules
@@ -729,10 +729,10 @@ def configured_rules_path(ctx: typer.Context, given: Path | None) -> Path:
     return path
 
 
-def load_rules_or_exit(path: Path, code: int = EXIT_FAILED) -> CompiledRules:
+def load_rules_or_exit(ctx: typer.Context, path: Path, code: int = EXIT_FAILED) -> CompiledRules:
     """The compiled rules, or every problem on stderr and exit `code`."""
     try:
-        return load_rules(path)
+        return load_rules(path, settings_of(ctx).zone)
     except RulesError as exc:
         for problem in exc.problems:
             err.print(f"[red]error:[/red] {problem}", highlight=False)
@@ -748,7 +748,7 @@ def rules_check(
     json_output: JsonOption = False,
 ) -> None:
     """Validate a rules file and summarise it. Exits 1 if it has errors (warnings do not)."""
-    rules = load_rules_or_exit(configured_rules_path(ctx, path))
+    rules = load_rules_or_exit(ctx, configured_rules_path(ctx, path))
     summary = rules_summary(rules)
     if json_output:
         print_json(summary)
@@ -791,7 +791,7 @@ def rules_test(
 ) -> None:
     """Route mails with the real parser and rules, writing nothing, and explain every rule:
     whether it matched and, if not, which condition failed; then the decision."""
-    rules = load_rules_or_exit(configured_rules_path(ctx, rules_file))
+    rules = load_rules_or_exit(ctx, configured_rules_path(ctx, rules_file))
     moment = received_at or datetime.now(UTC)
     moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     results = []
@@ -827,8 +827,8 @@ def rules_diff(
         start = parse_since(since)
     except ValueError as exc:
         raise fail(str(exc), EXIT_USAGE) from exc
-    current = load_rules_or_exit(configured_rules_path(ctx, None), EXIT_USAGE)
-    new = load_rules_or_exit(new_rules)
+    current = load_rules_or_exit(ctx, configured_rules_path(ctx, None), EXIT_USAGE)
+    new = load_rules_or_exit(ctx, new_rules)
     with runtime(ctx) as rt:
         replayed, changes = diff(rt.settings, rt.sessions, current, new, start)
     rows: list[dict[str, Any]] = [

@@ -1,15 +1,26 @@
-"""Service configuration: `config.yaml` overlaid by `MAILINTAKE_*` environment variables.
+"""Service configuration: `config.yaml` overlaid by `MAILINTAKE_*` environment variables, and
+the one YAML loader of the project.
 
-The YAML file is read with ruamel.yaml so that a validation error can point at the line of the
-offending key. Environment variables win over the file (`MAILINTAKE_DATABASE__URL` overrides
-`database.url`).
+`load_yaml_model` reads config.yaml, rules.yaml and templates.yaml alike: ruamel round-trip (so
+every key keeps its line and column), then a pydantic model; every problem reads
+`file:line:column: dotted.key: problem` (` — did you mean `x`?` for an unknown key), or
+`environment MAILINTAKE_SMTP__PORT: smtp.port: problem` for a value an environment variable set.
+Environment variables win over the file (`MAILINTAKE_DATABASE__URL` overrides `database.url`).
+
+`timezone` is the service's one time zone (business hours, template times without a zone,
+times shown to people); stored times are UTC.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import re2
 from pydantic import (
@@ -22,7 +33,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -44,6 +61,17 @@ def compile_regex(pattern: str) -> re2._Regexp:
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
 CONFIG_ENV_VAR = "MAILINTAKE_CONFIG"
+DEFAULT_TIMEZONE = "Asia/Tokyo"
+
+
+def zone_named(name: str) -> ZoneInfo:
+    """The IANA time zone `name` (Asia/Tokyo); ValueError in plain words for an unknown one."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone `{name}` (write an IANA name, e.g. Asia/Tokyo)"
+        ) from None
 
 
 class Section(BaseModel):
@@ -217,6 +245,9 @@ class Settings(BaseSettings):
         env_prefix="MAILINTAKE_", env_nested_delimiter="__", extra="forbid"
     )
 
+    # The service's one time zone: business hours and due times in the rules, template times
+    # written without a zone, and times shown to people. Stored times are UTC whatever it is.
+    timezone: str = DEFAULT_TIMEZONE
     database: DatabaseSettings = DatabaseSettings()
     tickets: TicketSettings = TicketSettings()
     intake: IntakeSettings = IntakeSettings()
@@ -227,6 +258,16 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = SmtpSettings()
     lmtp: LmtpSettings = LmtpSettings()
     imap: ImapSettings = ImapSettings()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        zone_named(value)
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return zone_named(self.timezone)
 
     @classmethod
     def settings_customise_sources(
@@ -242,16 +283,237 @@ class Settings(BaseSettings):
 
 
 class ConfigError(Exception):
-    """A configuration file that cannot be used; the message says where and why."""
+    """A file (or environment variable) that cannot be used. `problems` holds one entry per
+    problem; each reads `file:line:column: dotted.key: problem`, or `environment NAME: dotted.key:
+    problem` for a value that came from an environment variable."""
+
+    def __init__(self, *problems: Problem | str) -> None:
+        self.problems: list[Problem | str] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
 
 
-def load_yaml(path: Path) -> Any:
-    """Parse a YAML file keeping line information (ruamel round-trip types)."""
+Loc = tuple[int | str, ...]
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a YAML file or an environment variable, and where it is."""
+
+    where: str  # the file, or `environment MAILINTAKE_X__Y`
+    line: int | None
+    column: int | None
+    key: str | None  # dotted: `smtp.port`, `rules.3.when.subject`
+    message: str
+
+    def __str__(self) -> str:
+        place = f"{self.where}:{self.line}:{self.column}" if self.line else self.where
+        return ": ".join(part for part in (place, self.key, self.message) if part)
+
+    def sort_key(self) -> tuple[bool, str, int, int]:
+        return (self.where.startswith("environment "), self.where, self.line or 0, self.column or 0)
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """` — did you mean `x`?` when a candidate is close to `word`, else ``."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f" — did you mean `{close[0]}`?" if close else ""
+
+
+def dotted(loc: Loc) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def position(data: Any, loc: Loc) -> tuple[int | None, int | None]:
+    """1-based line and column of the deepest key of `loc` present in ruamel round-trip `data`.
+
+    Parts that are not in the data (pydantic's names for union members, a key that is missing)
+    are skipped, so ('rules', 0, 'then', 'assignee', 'team') still lands on a line.
+    """
+    line = column = None
+    node = data
+    for part in loc:
+        lc = getattr(node, "lc", None)
+        try:
+            if isinstance(part, str) and hasattr(node, "keys") and part in node:
+                line, column = lc.key(part) if lc else (None, None)
+            elif isinstance(part, int) and isinstance(node, list) and part < len(node):
+                line, column = lc.item(part) if lc else (None, None)
+            else:
+                continue
+        except (KeyError, IndexError, TypeError):
+            continue
+        node = node[part]
+    return (line + 1, column + 1) if line is not None and column is not None else (None, None)
+
+
+def _present(data: Any, loc: Loc) -> int:
+    """How many leading parts of `loc` are keys (or indexes) present in `data`."""
+    node = data
+    for depth, part in enumerate(loc):
+        in_mapping = isinstance(part, str) and isinstance(node, dict) and part in node
+        in_list = isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node)
+        if not (in_mapping or in_list):
+            return depth
+        node = node[part]
+    return len(loc)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds directly or inside unions."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) in (Union, UnionType):
+        return [m for arg in get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _step(annotation: Any, part: int | str) -> Any:
+    """The annotation of `annotation[part]`, or None if `part` cannot be followed."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, UnionType):
+        steps = [_step(arg, part) for arg in args if arg is not type(None)]
+        return next((s for s in steps if s is not None), None)
+    if origin in (list, tuple, set, frozenset) and isinstance(part, int) and args:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    for model in _models_in(annotation):
+        for name, info in model.model_fields.items():
+            if part in (name, info.alias):
+                return info.annotation
+    return None
+
+
+def keys_at(model: type[BaseModel], loc: Loc) -> set[str]:
+    """The keys a mapping at `loc` may have, as written in the file (aliases)."""
+    annotation: Any = model
+    for part in loc:
+        annotation = _step(annotation, part)
+        if annotation is None:
+            return set()
+    return {
+        info.alias or name for m in _models_in(annotation) for name, info in m.model_fields.items()
+    }
+
+
+def all_keys(model: type[BaseModel]) -> set[str]:
+    """Every key of `model` and of the models inside it (the fallback for "did you mean")."""
+    seen: set[type[BaseModel]] = set()
+    keys: set[str] = set()
+
+    def visit(annotation: Any) -> None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation in seen:
+                return
+            seen.add(annotation)
+            for name, info in annotation.model_fields.items():
+                keys.add(info.alias or name)
+                visit(info.annotation)
+        for arg in get_args(annotation):  # list[X], dict[str, X], X | None
+            visit(arg)
+
+    visit(model)
+    return keys
+
+
+def _plain(err: Any, model: type[BaseModel]) -> str:
+    """Pydantic's message in plain words."""
+    kind, loc = err["type"], tuple(err["loc"])
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        return "unknown key" + did_you_mean(key, keys_at(model, loc[:-1]) or all_keys(model))
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("value_error", "assertion_error"):
+        return str(err["ctx"]["error"])
+    if kind == "literal_error":
+        return f"`{err['input']}` is not allowed here: write {err['ctx']['expected']}"
+    return str(err["msg"])
+
+
+def _joined(messages: list[str]) -> str:
+    """`Input should be a valid string`, `Input should be a valid integer` -> one sentence."""
+    unique = list(dict.fromkeys(messages))
+    lead = "Input should be "
+    if len(unique) > 1 and all(m.startswith(lead) for m in unique):
+        return lead + " or ".join(m.removeprefix(lead) for m in unique)
+    return "; or ".join(unique)
+
+
+@dataclass(frozen=True)
+class YamlSource:
+    """A parsed YAML file: its exact bytes (for a version hash) and ruamel round-trip data
+    (for positions); `env` maps key paths to the environment variables that set them."""
+
+    path: Path
+    raw: bytes
+    data: Any
+    env: dict[tuple[str, ...], str] = field(default_factory=dict)
+    # What a location is part of, put before the message: rules.yaml says "rule `fax-order`".
+    about: Callable[[Any, Loc], str | None] | None = None
+
+    def problem(self, loc: Loc, message: str) -> Problem:
+        """A problem at `loc`: in the environment variable that set it, else in the file."""
+        part_of = self.about(self.data, loc) if self.about else None
+        if part_of:
+            message = f"{part_of}: {message}"
+        variable = self._variable_for(loc)
+        if variable is not None:
+            return Problem(f"environment {variable}", None, None, dotted(loc), message)
+        line, column = position(self.data, loc)
+        below = self._variables_below(loc)
+        if below and not _present(self.data, loc):
+            where = f"environment {', '.join(below)}"
+            return Problem(where, None, None, dotted(loc), message)
+        if below:
+            message += f" (with environment {', '.join(below)})"
+        return Problem(str(self.path), line, column, dotted(loc), message)
+
+    def _variable_for(self, loc: Loc) -> str | None:
+        parts = tuple(str(p).lower() for p in loc)
+        for n in range(len(parts), 0, -1):
+            if parts[:n] in self.env:
+                return self.env[parts[:n]]
+        return None
+
+    def _variables_below(self, loc: Loc) -> list[str]:
+        parts = tuple(str(p).lower() for p in loc)
+        return sorted(v for k, v in self.env.items() if k[: len(parts)] == parts)
+
+    def validation_problems(self, exc: ValidationError, model: type[BaseModel]) -> list[Problem]:
+        """One problem per location, in file order; union members' complaints are joined."""
+        grouped: dict[Loc, list[str]] = {}
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            if (
+                err["type"] not in ("missing", "extra_forbidden")
+                and self._variable_for(loc) is None
+            ):
+                loc = loc[: max(_present(self.data, loc), 1)]  # drop pydantic's member names
+            grouped.setdefault(loc, []).append(_plain(err, model))
+        problems = [self.problem(loc, _joined(messages)) for loc, messages in grouped.items()]
+        return sorted(problems, key=Problem.sort_key)
+
+
+def read_yaml(path: Path) -> YamlSource:
+    """Read and parse a YAML file with ruamel round-trip (which keeps every key's line and
+    column). Unreadable, non-UTF-8 or malformed files raise ConfigError saying where."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return parse_yaml(text, path)
+        raise ConfigError(
+            Problem(str(path), None, None, None, f"cannot read: {exc.strerror or exc}")
+        ) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            Problem(str(path), line, column, None, f"not UTF-8: {exc.reason}")
+        ) from exc
+    return YamlSource(path, raw, parse_yaml(text, path))
 
 
 def parse_yaml(text: str, path: Path) -> Any:
@@ -260,39 +522,87 @@ def parse_yaml(text: str, path: Path) -> Any:
         return YAML(typ="rt").load(text)
     except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from exc
+        raise ConfigError(
+            Problem(str(path), line, column, None, f"invalid YAML: {problem}")
+        ) from exc
 
 
-def line_of(data: Any, loc: tuple[int | str, ...]) -> int | None:
-    """1-based line of the deepest key of `loc` found in ruamel round-trip `data`."""
-    line = None
-    node = data
-    for part in loc:
-        lc = getattr(node, "lc", None)
+def _environment(model: type[BaseModel]) -> dict[tuple[str, ...], str]:
+    """Key paths set by environment variables, for a settings model: ('smtp', 'port') ->
+    'MAILINTAKE_SMTP__PORT'."""
+    if not issubclass(model, BaseSettings):
+        return {}
+    prefix = str(model.model_config.get("env_prefix") or "").lower()
+    delimiter = model.model_config.get("env_nested_delimiter") or ""
+    found = {}
+    for name in os.environ:
+        lowered = name.lower()
+        if not prefix or not lowered.startswith(prefix) or name == CONFIG_ENV_VAR:
+            continue
+        rest = lowered[len(prefix) :]
+        path = tuple(rest.split(delimiter)) if delimiter else (rest,)
+        if path[0] in model.model_fields:
+            found[path] = name
+    return found
+
+
+def _undecodable(model: type[BaseSettings], source: YamlSource) -> list[Problem]:
+    """Which environment variables pydantic-settings could not decode (malformed JSON)."""
+    problems = []
+    for path, name in sorted(source.env.items(), key=lambda item: item[1]):
+        env = EnvSettingsSource(model)
+        env.env_vars = {k: v for k, v in env.env_vars.items() if k.lower() == name.lower()}
         try:
-            if lc is not None and isinstance(part, str) and hasattr(node, "keys"):
-                line = lc.key(part)[0] + 1
-            elif lc is not None and isinstance(part, int):
-                line = lc.item(part)[0] + 1
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            break
-    return line
+            env()
+        except SettingsError as exc:
+            detail = exc.__cause__ or exc
+            message = (
+                f"not valid JSON ({detail}): lists and mappings in environment variables are "
+                'JSON, e.g. ["a", "b"] or {"key": "value"}'
+            )
+            problems.append(Problem(f"environment {name}", None, None, dotted(path), message))
+    return problems
 
 
-def describe_validation_error(exc: ValidationError, data: Any, path: Path) -> str:
-    """One line per problem: `file:line: dotted.key: what is wrong`."""
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        line = line_of(data, loc)
-        where = f"{path}:{line}" if line else str(path)
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{where}: {key}: {message}")
-    return "\n".join(lines)
+def load_yaml_model(
+    path: Path,
+    model: type[M],
+    *,
+    missing_ok: bool = False,
+    context: dict[str, Any] | None = None,
+    about: Callable[[Any, Loc], str | None] | None = None,
+) -> tuple[M, YamlSource]:
+    """Load the YAML file at `path` and validate it against `model`: the one loader of
+    config.yaml, rules.yaml and templates.yaml.
+
+    Every problem found is raised at once in a ConfigError, one line each, as
+    `file:line:column: dotted.key: problem`; an unknown key adds ` — did you mean `x`?` from the
+    keys the model allows there. For a settings model (pydantic-settings), environment variables
+    overlay the file and a problem with a value they set names the variable instead:
+    `environment MAILINTAKE_SMTP__PROT: smtp.prot: unknown key — did you mean `port`?`.
+    A missing file with `missing_ok` validates as empty (the defaults). `context` goes to the
+    model's validators; `about(data, loc)` may name what a location belongs to ("rule `x`").
+    Returns the model and the source (bytes, positions) for checks that need the whole file.
+    """
+    absent = missing_ok and not path.exists()
+    source = YamlSource(path, b"", {}) if absent else read_yaml(path)
+    if source.data is None:
+        source = replace(source, data={})
+    if not isinstance(source.data, dict):
+        raise ConfigError(Problem(str(path), 1, 1, None, "the top level must be a mapping of keys"))
+    source = replace(source, env=_environment(model), about=about)
+    try:
+        if issubclass(model, BaseSettings):
+            return model(**source.data), source
+        return model.model_validate(source.data, context=context), source
+    except SettingsError as exc:
+        assert issubclass(model, BaseSettings)
+        problems = _undecodable(model, source)
+        raise (ConfigError(*problems) if problems else ConfigError(str(exc))) from exc
+    except ValidationError as exc:
+        raise ConfigError(*source.validation_problems(exc, model)) from exc
 
 
 def config_path(explicit: Path | None = None) -> Path:
@@ -302,18 +612,12 @@ def config_path(explicit: Path | None = None) -> Path:
 
 
 def load_settings(path: Path | None = None) -> Settings:
-    """Load settings from `path` (or $MAILINTAKE_CONFIG, or ./config.yaml if it exists).
+    """Load settings from `path` (or $MAILINTAKE_CONFIG, or ./config.yaml if it exists), with
+    MAILINTAKE_* environment variables over the file.
 
     A missing default file is fine (built-in defaults apply); a missing explicit file is not.
     """
     chosen = config_path(path)
     explicit = path is not None or CONFIG_ENV_VAR in os.environ
-    data: Any = {}
-    if chosen.exists() or explicit:
-        data = load_yaml(chosen) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{chosen}: the top level must be a mapping of sections")
-    try:
-        return Settings(**data)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, data, chosen)) from exc
+    settings, _ = load_yaml_model(chosen, Settings, missing_ok=not explicit)
+    return settings

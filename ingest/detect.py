@@ -9,50 +9,48 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
+import re2
 from sqlalchemy.orm import Session
 
+from config import compile_regex
 from ingest.mail import IncomingMail, ParsedMail
 from storage import repo
 
 AUTO_REPLY_PRECEDENCE = {"bulk", "junk", "list", "auto_reply"}
 # Senders that only ever send delivery reports.
-BOUNCE_SENDER = re.compile(r"^(mailer-daemon|postmaster|mail-daemon|mailer)@", re.IGNORECASE)
+BOUNCE_SENDER = compile_regex(r"(?i)^(mailer-daemon|postmaster|mail-daemon|mailer)@")
 # Subjects of delivery reports (also when forwarded: "Fwd: Returned mail: ...").
-BOUNCE_SUBJECT = re.compile(
-    r"(returned mail|undeliver|undelivered mail|delivery status notification|"
+BOUNCE_SUBJECT = compile_regex(
+    r"(?i)(returned mail|undeliver|undelivered mail|delivery status notification|"
     r"delivery (has )?failed|mail delivery failed|failure notice|non[- ]delivery|"
     r"delivery notification|mail system error|メールエラー|配信不能|配信エラー|配送エラー|"
-    r"送信エラー|宛先不明)",
-    re.IGNORECASE,
+    r"送信エラー|宛先不明)"
 )
 # Text found in (quoted) delivery reports; with a bounce subject it confirms a bounce.
-BOUNCE_TEXT = re.compile(
-    r"(mailer-daemon|mail delivery subsystem|final-recipient|diagnostic-code|"
+BOUNCE_TEXT = compile_regex(
+    r"(?i)(mailer-daemon|mail delivery subsystem|final-recipient|diagnostic-code|"
     r"could not be delivered|permanent fatal errors|undeliverable|delivery.*failed)",
-    re.IGNORECASE,
 )
-AUTOMATED_SENDER = re.compile(r"^(no-?reply|do-?not-?reply)@", re.IGNORECASE)
+AUTOMATED_SENDER = compile_regex(r"(?i)^(no-?reply|do-?not-?reply)@")
 REPORT_TYPES = ("multipart/report", "message/delivery-status", "message/disposition-notification")
 # Japanese mailing-list servers (fml, mailman-jp) mark their mails with these.
 LIST_HEADERS = ("List-Id", "X-ML-Name", "X-MLServer", "X-Mailing-List")
 # Exchange stamps its own automatic mails (out-of-office, read receipts) with these values.
-SUPPRESS_VALUES = re.compile(r"\b(all|oof|autoreply)\b", re.IGNORECASE)
+SUPPRESS_VALUES = compile_regex(r"(?i)\b(all|oof|autoreply)\b")
 
 # A line that starts the quoted original in full: everything below it is the earlier message.
-ORIGINAL_SEPARATOR = re.compile(
-    r"^\s*-{2,}\s*(original message|元のメッセージ|オリジナルメッセージ|forwarded message|"
+ORIGINAL_SEPARATOR = compile_regex(
+    r"(?i)^\s*-{2,}\s*(original message|元のメッセージ|オリジナルメッセージ|forwarded message|"
     r"転送されたメッセージ)\s*-{2,}\s*$",
-    re.IGNORECASE,
 )
 # A line introducing a quoted block: "2026年11月22日(日) 10:23 山田 <yamada@example.jp>:",
 # "On Sun, Nov 22, 2026 at 10:23 AM Yamada <...> wrote:", "山田 さんは書きました:".
-ATTRIBUTION_HINT = re.compile(
-    r"(\d{4}\s*[年/.-]\s*\d{1,2}\s*[月/.-]\s*\d{1,2}|\bwrote\b|書きました|"
+ATTRIBUTION_HINT = compile_regex(
+    r"(?i)(\d{4}\s*[年/.-]\s*\d{1,2}\s*[月/.-]\s*\d{1,2}|\bwrote\b|書きました|"
     r"\bschrieb\b|<[^<>\s]+@[^<>\s]+>|\d{1,2}:\d{2})",
-    re.IGNORECASE,
 )
-QUOTED_LINE = re.compile(r"^\s*(>|＞)")
-BLANK_RUNS = re.compile(r"\n\s*\n(\s*\n)+")
+QUOTED_LINE = compile_regex(r"^\s*(>|＞)")
+BLANK_RUNS = compile_regex(r"\n\s*\n(\s*\n)+")
 
 
 def auto_reply_reason(parsed: ParsedMail, envelope_sender: str | None) -> str | None:
@@ -164,8 +162,8 @@ def detect(mail: IncomingMail) -> None:
     mail.parsed.reply_text = strip_quoted(mail.parsed.text)
 
 
-def ticket_key_pattern(prefix: str) -> re.Pattern[str]:
-    return re.compile(rf"\[({re.escape(prefix)}-\d+)\]")
+def ticket_key_pattern(prefix: str) -> re2._Regexp:
+    return compile_regex(rf"\[({re.escape(prefix)}-\d+)\]")
 
 
 def find_follow_up(mail: IncomingMail, session: Session, key_prefix: str) -> int | None:

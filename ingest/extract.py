@@ -4,17 +4,20 @@ their labelled fields (`お名前：山田`, `電話番号: 03-1234-5678`) out o
 Templates are declarative (`templates.yaml`, validated by the pydantic models below). Labels
 match regardless of full-width/half-width forms, spaces and colon style (`:` `：`), because
 both sides are compared after NFKC normalisation; values are kept as written, and typed values
-are added beside them (a phone number's E.164 form, a timestamp in ISO 8601). Regular
-expressions in templates are RE2, like those in the routing rules: linear time, so no pattern
-ops write can hang intake.
+are added beside them (a phone number's E.164 form, a timestamp in ISO 8601; a time written
+without a zone is in the service's zone, which the caller passes).
+
+Everything that runs on mail text is linear in its length, whatever the mail holds: regular
+expressions are RE2 (those ops write in templates and the built-in ones alike), and the small
+jobs (label decoration, honorifics, separator lines) are plain string code. Python's `re`
+backtracks, and one hostile line made it quadratic (a minute for 30 KB of spaces).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import unicodedata
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, tzinfo
 from fnmatch import fnmatchcase
 from functools import cached_property
 from pathlib import Path
@@ -22,29 +25,34 @@ from typing import Any, Literal
 
 import phonenumbers
 import re2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from config import ConfigError, compile_regex, describe_validation_error, load_yaml
+from config import DEFAULT_TIMEZONE, compile_regex, load_yaml_model, zone_named
 from ingest.mail import IncomingMail, ParsedMail
 
 log = logging.getLogger(__name__)
 
-JST = timezone(timedelta(hours=9))
+DEFAULT_ZONE = zone_named(DEFAULT_TIMEZONE)
 PHONE_REGION = "JP"
-EMAIL_RE = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
-# Decoration around a label: "■お名前", "【会社名】", "・電話番号", "[お名前]".
-LABEL_DECORATION = re.compile(r"^[\s■□●○◆◇・*＊\-－【\[〔（(<＜]+|[\s】\]〕）)>＞]+$")
-SEPARATOR_LINE = re.compile(r"^\s*(-{2,}|={2,}|_{2,}|━{2,}|─{2,}|＝{2,}|－{2,})\s*$")
-HONORIFIC = re.compile(r"\s*(様|さま|殿|さん)$")
-DATETIME_RE = re.compile(
-    r"(?:(?P<era>令和|R)\s*)?(?P<year>\d{1,4})\s*[年/.\-]\s*(?P<month>\d{1,2})\s*[月/.\-]\s*"
-    r"(?P<day>\d{1,2})\s*日?\s*(?:[(（][^)）]*[)）])?\s*"
-    r"(?:(?P<ampm>午前|午後|AM|PM)?\s*(?P<hour>\d{1,2})\s*[時:]\s*(?P<minute>\d{1,2})\s*分?"
-    r"(?:\s*:?\s*(?P<second>\d{1,2})\s*秒?)?)?",
-    re.IGNORECASE,
+# RE2's \s is ASCII; this is every character Python's str.isspace() knows (U+3000 too).
+SPACE = r"[\s\p{Z}\x{0B}\x{1C}-\x{1F}\x{85}]"
+EMAIL_RE = compile_regex(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
+ANGLE_BRACKETS = compile_regex(r"<[^<>]*>")
+# Read after NFKC normalisation (full-width digits arrive as ASCII); S* stands for SPACE*.
+DATETIME_RE = compile_regex(
+    r"(?i)(?:(?P<era>令和|R)S*)?(?P<year>\d{1,4})S*[年/.\-]S*(?P<month>\d{1,2})S*[月/.\-]S*"
+    r"(?P<day>\d{1,2})S*日?S*(?:[(（][^)）]*[)）])?S*"
+    r"(?:(?P<ampm>午前|午後|AM|PM)?S*(?P<hour>\d{1,2})S*[時:]S*(?P<minute>\d{1,2})S*分?"
+    r"(?:S*:?S*(?P<second>\d{1,2})S*秒?)?)?".replace("S*", SPACE + "*")
 )
 REIWA_OFFSET = 2018
-INTEGER_RE = re.compile(r"\d+")
+INTEGER_RE = compile_regex(r"\d+")
+# Decoration around a label: "■お名前", "【会社名】", "・電話番号", "[お名前]" (and spaces).
+LABEL_LEAD = "■□●○◆◇・*＊-－【[〔（(<＜"
+LABEL_TRAIL = "】]〕）)>＞"
+# A line of one of these, at least two, ends a multi-line value: "----", "＝＝＝＝".
+SEPARATOR_CHARS = "-=_━─＝－"
+HONORIFICS = ("様", "さま", "殿", "さん")
 
 FieldType = Literal["text", "name", "phone", "email", "datetime", "integer"]
 
@@ -83,6 +91,7 @@ class Match(Model):
         return self
 
     def matches(self, parsed: ParsedMail) -> bool:
+        # fnmatch is linear too: it translates `*` to atomic groups, which never backtrack.
         sender = (parsed.from_email or "").lower()
         if self.sender and not any(fnmatchcase(sender, p.lower()) for p in self.sender):
             return False
@@ -136,33 +145,53 @@ class TemplateFile(Model):
 
 def load_templates(path: Path) -> list[Template]:
     """Templates from a YAML file; a missing file means no templates, a bad one raises
-    ConfigError saying file:line: key: problem."""
+    ConfigError saying `file:line:column: dotted.key: problem` for each problem."""
     if not path.exists():
         log.warning("no templates file at %s: template fields will not be extracted", path)
         return []
-    data = load_yaml(path) or {}
-    try:
-        return TemplateFile.model_validate(data).templates
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, data, path)) from exc
+    model, _ = load_yaml_model(path, TemplateFile)
+    return model.templates
 
 
 def _split_label(line: str) -> list[tuple[str, str]]:
     """Ways to read `line` as `label value`: at the first colon, else at the first spaces."""
-    colon = re.search(r"[:：]", line)
-    if colon:
-        return [(line[: colon.start()], line[colon.end() :])]
-    spaced = re.search(r"\s+", line.strip())
-    if spaced:
-        stripped = line.strip()
-        return [(stripped[: spaced.start()], stripped[spaced.end() :])]
+    colon = min((i for i in (line.find(":"), line.find("：")) if i >= 0), default=-1)
+    if colon >= 0:
+        return [(line[:colon], line[colon + 1 :])]
+    parts = line.split(maxsplit=1)
+    if len(parts) == 2:
+        return [(parts[0], parts[1])]
     return [(line, "")]
+
+
+def undecorated(label: str) -> str:
+    """`label` without the decoration and spaces around it: "【会社名】" -> "会社名"."""
+    start, end = 0, len(label)
+    while start < end and (label[start].isspace() or label[start] in LABEL_LEAD):
+        start += 1
+    while end > start and (label[end - 1].isspace() or label[end - 1] in LABEL_TRAIL):
+        end -= 1
+    return label[start:end]
+
+
+def is_separator(line: str) -> bool:
+    """True for a line that is one separator character repeated: "-----", "＝＝＝"."""
+    text = line.strip()
+    return len(text) >= 2 and text[0] in SEPARATOR_CHARS and text.count(text[0]) == len(text)
+
+
+def without_honorific(name: str) -> str:
+    """`山田 様` -> `山田`: one trailing 様, さま, 殿 or さん and the spaces before it."""
+    for honorific in HONORIFICS:
+        if name.endswith(honorific):
+            return name[: -len(honorific)].rstrip()
+    return name
 
 
 def _label_of(line: str, labels: frozenset[str]) -> tuple[str, str] | None:
     """(normalised label, value as written) when `line` starts with one of `labels`."""
     for label, value in _split_label(line):
-        key = label_key(LABEL_DECORATION.sub("", label))
+        key = label_key(undecorated(label))
         if key and key in labels:
             return key, value.strip()
     return None
@@ -181,7 +210,7 @@ def _labelled_value(spec: FieldSpec, lines: list[str], all_labels: frozenset[str
             return next((v for v in following if v and not _label_of(v, all_labels)), None)
         block = [value] if value else []
         for next_line in lines[i + 1 :]:
-            if SEPARATOR_LINE.match(next_line) or _label_of(next_line, all_labels):
+            if is_separator(next_line) or _label_of(next_line, all_labels):
                 break
             block.append(next_line.strip())
         return "\n".join(block).strip() or None
@@ -210,8 +239,9 @@ def parse_phone(value: str) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-def parse_datetime(value: str) -> datetime | date | None:
-    """`2026年11月22日 10時23分`, `2026/11/22 10:23`, `令和8年11月22日` -> JST time (or date)."""
+def parse_datetime(value: str, zone: tzinfo = DEFAULT_ZONE) -> datetime | date | None:
+    """`2026年11月22日 10時23分`, `2026/11/22 10:23`, `令和8年11月22日` -> that time in `zone`
+    (the service's zone: these forms carry none), or the date alone."""
     found = DATETIME_RE.search(unicodedata.normalize("NFKC", value))
     if not found:
         return None
@@ -225,13 +255,13 @@ def parse_datetime(value: str) -> datetime | date | None:
             hour += 12
         return datetime(
             day.year, day.month, day.day, hour, int(found["minute"]),
-            int(found["second"] or 0), tzinfo=JST,
+            int(found["second"] or 0), tzinfo=zone,
         )  # fmt: skip
     except ValueError:
         return None
 
 
-def typed(spec: FieldSpec, value: str) -> dict[str, Any]:
+def typed(spec: FieldSpec, value: str, zone: tzinfo = DEFAULT_ZONE) -> dict[str, Any]:
     """The field's entries: the value (as written, or converted) and its typed companions."""
     key = spec.key
     if spec.type == "phone":
@@ -241,10 +271,10 @@ def typed(spec: FieldSpec, value: str) -> dict[str, Any]:
         found = EMAIL_RE.search(unicodedata.normalize("NFKC", value))
         return {key: found.group(0).lower()} if found else {}
     if spec.type == "name":
-        name = HONORIFIC.sub("", re.sub(r"<[^<>]*>", "", value).strip().strip('"'))
+        name = without_honorific(ANGLE_BRACKETS.sub("", value).strip().strip('"'))
         return {key: name} if name else {}
     if spec.type == "datetime":
-        when = parse_datetime(value)
+        when = parse_datetime(value, zone)
         return {key: when.isoformat(), f"{key}_text": value} if when else {f"{key}_text": value}
     if spec.type == "integer":
         number = INTEGER_RE.search(unicodedata.normalize("NFKC", value))
@@ -256,7 +286,9 @@ def matching_template(templates: list[Template], parsed: ParsedMail) -> Template
     return next((t for t in templates if t.match.matches(parsed)), None)
 
 
-def extract_fields(template: Template, parsed: ParsedMail) -> dict[str, Any]:
+def extract_fields(
+    template: Template, parsed: ParsedMail, zone: tzinfo = DEFAULT_ZONE
+) -> dict[str, Any]:
     """Every field of `template` found in `parsed`, typed; missing fields are left out."""
     all_labels = frozenset().union(*(spec.normalised_labels for spec in template.fields))
     fields: dict[str, Any] = {}
@@ -265,15 +297,16 @@ def extract_fields(template: Template, parsed: ParsedMail) -> dict[str, Any]:
             continue  # an earlier spec for the same key already found it
         value = _raw_value(spec, parsed, all_labels)
         if value:
-            fields.update(typed(spec, value))
+            fields.update(typed(spec, value, zone))
     return fields
 
 
-def extract(mail: IncomingMail, templates: list[Template]) -> None:
-    """Set `mail.source_kind` and `mail.fields` from the first template that matches."""
+def extract(mail: IncomingMail, templates: list[Template], zone: tzinfo = DEFAULT_ZONE) -> None:
+    """Set `mail.source_kind` and `mail.fields` from the first template that matches. Times
+    written without a zone are read in `zone`: pass the service's (`Settings.zone`)."""
     assert mail.parsed is not None
     template = matching_template(templates, mail.parsed)
     if template is None:
         return
     mail.source_kind = template.source_kind
-    mail.fields = {"template": template.name, **extract_fields(template, mail.parsed)}
+    mail.fields = {"template": template.name, **extract_fields(template, mail.parsed, zone)}

@@ -47,7 +47,7 @@ def detect_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
 
 
 def extract_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
-    extract(mail, ctx.source_templates())
+    extract(mail, ctx.source_templates(), ctx.settings.zone)
 
 
 def claim_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:

@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import watchfiles
 
@@ -24,16 +25,17 @@ log = logging.getLogger(__name__)
 class RulesHolder:
     """The compiled rules in force, and the error of the last refused reload (if any)."""
 
-    def __init__(self, path: Path, rules: CompiledRules) -> None:
+    def __init__(self, path: Path, rules: CompiledRules, zone: ZoneInfo) -> None:
         self.path = path
+        self.zone = zone
         self._rules = rules
         self._lock = threading.Lock()  # one reload at a time; readers never wait
         self.last_error: str | None = None
 
     @classmethod
-    def load(cls, path: Path) -> RulesHolder:
+    def load(cls, path: Path, zone: ZoneInfo) -> RulesHolder:
         """Load the initial rules; a bad file raises RulesError (nothing to fall back on)."""
-        return cls(path, load_rules(path))
+        return cls(path, load_rules(path, zone), zone)
 
     def current(self) -> CompiledRules:
         return self._rules
@@ -43,7 +45,7 @@ class RulesHolder:
         with self._lock:
             old = self._rules
             try:
-                new = load_rules(self.path)
+                new = load_rules(self.path, self.zone)
             except RulesError as exc:
                 self.last_error = str(exc)
                 log.error("rules file refused, rules %s stay in force:\n%s", old.version[:12], exc)

@@ -9,15 +9,22 @@ category or priority) live in `rules.load`, where they can point at a line.
 
 from __future__ import annotations
 
-import difflib
 import re
 from datetime import date, time
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from config import compile_regex
+from config import DEFAULT_TIMEZONE, compile_regex, did_you_mean, zone_named
 
 SOURCE_KINDS = ("phone", "fax", "webform", "email")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -278,28 +285,49 @@ class Team(Strict):
 
 
 class BusinessHours(Strict):
-    """Opening hours for `business_hours` conditions and `next_business_day` due times."""
+    """Opening hours for `business_hours` conditions and `next_business_day` due times, in the
+    service's one time zone (`timezone` in config.yaml, given to the loader). Japan's public
+    holidays are closed without being listed: they come from the `holidays` package, so every
+    year is right. `closures` lists the company's own closed days (year-end, summer)."""
 
-    timezone: str = "Asia/Tokyo"
-    weekdays: list[Weekday] = Field(default_factory=lambda: list(WORKDAYS))
+    weekdays: list[Weekday] = Field(default_factory=lambda: list(WORKDAYS), min_length=1)
     open: time = time(9, 0)
     close: time = time(18, 0)
-    holidays: list[date] = Field(default_factory=list)
+    closures: list[date] = Field(default_factory=list)
+    # Keys that moved: refused, saying where they went.
+    timezone: Any = None
+    holidays: Any = None
+    _zone: ZoneInfo = PrivateAttr(default_factory=lambda: zone_named(DEFAULT_TIMEZONE))
 
-    @field_validator("timezone")
+    @field_validator("timezone", mode="before")
     @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone `{value}` (e.g. Asia/Tokyo)") from None
-        return value
+    def _zone_moved(cls, value: Any) -> Any:
+        raise ValueError(
+            "the time zone is set once for the whole service: `timezone` in config.yaml "
+            "(or MAILINTAKE_TIMEZONE); remove it here"
+        )
+
+    @field_validator("holidays", mode="before")
+    @classmethod
+    def _holidays_moved(cls, value: Any) -> Any:
+        raise ValueError(
+            "public holidays come from the `holidays` package (Japan's calendar, every year); "
+            "list only the company's own closed days, under `closures`"
+        )
 
     @model_validator(mode="after")
     def _open_before_close(self) -> BusinessHours:
         if self.open >= self.close:
             raise ValueError(f"`open` ({self.open}) must be before `close` ({self.close})")
         return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The zone the hours are in: the service's, set by the loader."""
+        return self._zone
+
+    def use_zone(self, zone: ZoneInfo) -> None:
+        self._zone = zone
 
 
 class RulesFile(Strict):
@@ -323,6 +351,14 @@ class RulesFile(Strict):
             return {name: person or {} for name, person in value.items()}
         return value
 
+    @model_validator(mode="after")
+    def _service_zone(self, info: ValidationInfo) -> RulesFile:
+        """Business hours are in the zone the loader passes (`context={"zone": ZoneInfo}`)."""
+        zone = (info.context or {}).get("zone")
+        if zone is not None:
+            self.business_hours.use_zone(zone)
+        return self
+
 
 def parse_due(text: str) -> tuple[int, time | None]:
     """`4h`, `1d 2h`, `90m` -> (minutes, None); `next_business_day 10:00` -> (0, 10:00)."""
@@ -337,33 +373,3 @@ def parse_due(text: str) -> tuple[int, time | None]:
     raise ValueError(
         f"`{text}` is not a due time: write e.g. `4h`, `1d`, `30m` or `next_business_day 10:00`"
     )
-
-
-def did_you_mean(word: str, candidates: Any) -> str:
-    """` — did you mean `x`?` when a candidate is close to `word`, else ``."""
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
-    return f" — did you mean `{close[0]}`?" if close else ""
-
-
-def known_keys() -> set[str]:
-    """Every key the rules file knows, for "did you mean" on unknown keys."""
-    keys: set[str] = set()
-    models: list[type[BaseModel]] = [
-        TextTest,
-        NamedTextTest,
-        AddressTest,
-        AttachmentTest,
-        AuthTest,
-        Condition,
-        AssigneeRef,
-        Actions,
-        Then,
-        Rule,
-        Person,
-        Team,
-        BusinessHours,
-        RulesFile,
-    ]
-    for model in models:
-        keys.update(info.alias or name for name, info in model.model_fields.items())
-    return keys

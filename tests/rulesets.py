@@ -23,7 +23,7 @@ teams:
 categories: [inquiry, order, quote, callback]
 priorities: [low, normal, high, urgent]
 business_hours:
-  holidays: [2026-11-23]
+  closures: [2026-12-29]  # Mon 2026-11-23, used by the tests, is a public holiday
 """
 
 

@@ -113,7 +113,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
     path.write_text("tickets:\n  key_prefix: 'lower'\n")
     result = CliRunner().invoke(app, ["--config", str(path), "tickets", "list"])
     assert result.exit_code == 2
-    assert f"{path}:2: tickets.key_prefix" in result.stderr
+    assert f"{path}:2:3: tickets.key_prefix" in result.stderr
 
 
 def test_missing_path_exits_2(cli):
@@ -206,4 +206,4 @@ def test_mta_pipe_exits_75_on_a_bad_configuration(tmp_path):
     bad.write_text("database:\n  ulr: typo\n")
     result = CliRunner().invoke(app, ["--config", str(bad), "ingest", "-"], input=simple_mail())
     assert result.exit_code == 75
-    assert f"{bad}:2: database.ulr: unknown key" in result.stderr
+    assert f"{bad}:2:3: database.ulr: unknown key" in result.stderr

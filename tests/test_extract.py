@@ -1,15 +1,27 @@
-"""The shipped source templates extract every field of their test mails, typed."""
+"""The shipped source templates extract every field of their test mails, typed; in the zone
+given; in linear time whatever the mail holds."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
+import ingest.extract
 from config import ConfigError
-from ingest.extract import extract, load_templates, parse_datetime, parse_phone
+from ingest.extract import (
+    extract,
+    is_separator,
+    load_templates,
+    parse_datetime,
+    parse_phone,
+    undecorated,
+    without_honorific,
+)
 from ingest.intake import unstored_mail
 from ingest.mail import Envelope, IncomingMail
 from ingest.parse import parse
@@ -19,11 +31,17 @@ from tests.mails import simple_mail
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates.yaml"
 
 
-def extracted(name: str) -> IncomingMail:
-    raw = (DATA / name).read_bytes()
+def extracted(name: str, zone: ZoneInfo | None = None) -> IncomingMail:
+    return extracted_from((DATA / name).read_bytes(), zone)
+
+
+def extracted_from(raw: bytes, zone: ZoneInfo | None = None) -> IncomingMail:
     mail = unstored_mail(raw, Envelope(source="file"), datetime.now(UTC))
     mail.parsed = parse(raw)
-    extract(mail, load_templates(TEMPLATES))
+    if zone is None:
+        extract(mail, load_templates(TEMPLATES))
+    else:
+        extract(mail, load_templates(TEMPLATES), zone)
     return mail
 
 
@@ -152,9 +170,11 @@ def test_a_bad_templates_file_names_the_line_and_key(tmp_path):
     )
     with pytest.raises(ConfigError) as error:
         load_templates(path)
-    message = str(error.value)
-    assert f"{path}:4: templates.0.match: Value error, give at least one of" in message
-    assert f"{path}:6: templates.0.fields.0.type:" in message
+    assert [str(p) for p in error.value.problems] == [
+        f"{path}:4:5: templates.0.match: give at least one of sender, subject, body",
+        f"{path}:6:31: templates.0.fields.0.type: `money` is not allowed here: write 'text', "
+        "'name', 'phone', 'email', 'datetime' or 'integer'",
+    ]
 
 
 def test_template_regexes_are_re2_and_a_pattern_it_refuses_names_the_line(tmp_path):
@@ -170,9 +190,96 @@ def test_template_regexes_are_re2_and_a_pattern_it_refuses_names_the_line(tmp_pa
     with pytest.raises(ConfigError) as error:
         load_templates(path)
     message = str(error.value)
-    assert f"{path}:4: templates.0.match.subject: Value error, bad regular expression" in message
+    assert f"{path}:4:13: templates.0.match.subject: bad regular expression" in message
     assert "invalid perl operator: (?<=" in message
-    assert f"{path}:6: templates.0.fields.0.pattern: Value error, bad regular expression" in message
+    assert f"{path}:6:18: templates.0.fields.0.pattern: bad regular expression" in message
+
+
+def test_a_template_time_without_a_zone_is_read_in_the_zone_given():
+    """The service's one zone (config `timezone`) is passed in; Asia/Tokyo is the default."""
+    berlin = extracted("answering-service.eml", ZoneInfo("Europe/Berlin"))
+    assert berlin.fields["received_at"] == "2026-11-22T10:23:00+01:00"
+    assert berlin.fields["received_at_text"] == "2026年11月22日(日) 10時23分"
+    assert extracted("answering-service.eml").fields["received_at"] == "2026-11-22T10:23:00+09:00"
+    summer = parse_datetime("2026/07/01 09:00", ZoneInfo("Europe/Berlin"))
+    assert summer is not None and summer.isoformat() == "2026-07-01T09:00:00+02:00"
+
+
+HOSTILE_FORM = (
+    "From: wordpress@wine-importer.example.jp\nSubject: x\n\n"
+    "お問い合わせフォームから送信されました\nx" + " " * 30000 + "y: v"
+)
+
+
+def test_a_30_kb_line_of_spaces_is_extracted_promptly():
+    """Python's `re` took over a minute on this line (backtracking in the label decoration);
+    RE2 and plain string code take milliseconds. Quadratic code would make this test hang."""
+    mail = extracted_from(HOSTILE_FORM.encode("utf-8"))
+    assert mail.fields == {"template": "contact-form"}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "お名前: 山田" + " " * 30000 + "x",  # name: honorific at the end
+        "お名前: " + "　" * 30000 + "様x",  # full-width spaces
+        "メールアドレス: " + "a" * 30000,  # email: a local part without @
+        "メールアドレス: " + "a@" * 15000,
+        "電話番号: " + "1 " * 15000,  # phone
+        "お名前: " + "<" * 15000 + "a" * 15000,  # name: angle-bracket address removal
+        "【" * 15000 + " " * 15000 + "】お名前: 山田",  # label decoration
+        " " * 30000 + "-",  # a separator line inside a multi-line value
+    ],
+)
+def test_hostile_field_values_are_extracted_promptly(line):
+    body = f"お問い合わせフォームから送信されました\nお問い合わせ内容:\n{line}\n{line}\n"
+    raw = f"From: wordpress@wine-importer.example.jp\nSubject: x\n\n{body}x\n"
+    mail = extracted_from(raw.encode("utf-8"))
+    assert mail.fields["template"] == "contact-form"
+
+
+def test_hostile_datetimes_are_read_promptly():
+    for text in ["1/1/1(" * 5000, "令和" + " " * 30000, "2026年1月1日" + "(" * 30000]:
+        parse_datetime(text)
+
+
+def test_no_python_re_pattern_runs_on_mail_text():
+    """Every pattern in the extraction module is RE2 (linear time)."""
+    assert not [name for name, value in vars(ingest.extract).items() if value is re]
+    assert not [
+        name for name, value in vars(ingest.extract).items() if isinstance(value, re.Pattern)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("label", "plain"),
+    [("■お名前", "お名前"), ("【会社名】", "会社名"), (" ・電話番号 ", "電話番号"),
+     ("[お名前]", "お名前"), ("（TEL）", "TEL"), ("　＜Eメール＞　", "Eメール"), ("■", ""),
+     ("お名前", "お名前")],
+)  # fmt: skip
+def test_label_decoration_is_removed(label, plain):
+    assert undecorated(label) == plain
+
+
+def test_honorifics_and_separators():
+    assert [
+        without_honorific(n) for n in ["山田 様", "山田さま", "山田　殿", "佐藤さん", "様"]
+    ] == [
+        "山田",
+        "山田",
+        "山田",
+        "佐藤",
+        "",
+    ]
+    assert without_honorific("山田様さん") == "山田様"
+    assert [is_separator(line) for line in ["----", " ＝＝＝ ", "━━", "-", "-=-", "--x"]] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_a_missing_templates_file_means_no_templates(tmp_path):

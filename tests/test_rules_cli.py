@@ -50,13 +50,19 @@ def test_check_exits_1_naming_each_error_and_prints_warnings(cli, tmp_path):
     result = cli("rules", "check", str(bad))
     assert result.exit_code == 1
     text = " ".join(result.output.split())
-    assert f"{bad}:3:44: rule `a`: unknown assignee `yamda` — did you mean `yamada`?" in text
+    assert (
+        f"{bad}:3:44: rules.0.then.assignee: rule `a`: unknown assignee `yamda` — did you mean "
+        "`yamada`?"
+    ) in text
     bad.write_text(head + "  - {name: b, when: {subject: {regex: '(?<=x)'}}, then: {}}\n")
     result = cli("rules", "check", str(bad))
     assert result.exit_code == 1
     text = " ".join(result.output.split())
-    assert f"{bad}:4:32: rule `b`: bad regular expression `(?<=x)`: invalid perl operator" in text
-    assert f"{bad}:4:51: rule `b`: empty `then`" in text
+    assert (
+        f"{bad}:4:32: rules.1.when.subject.regex: rule `b`: bad regular expression `(?<=x)`: "
+        "invalid perl operator"
+    ) in text
+    assert f"{bad}:4:51: rules.1.then: rule `b`: empty `then`" in text
     unreachable = tmp_path / "warn.yaml"
     unreachable.write_text(
         "people: [yamada]\nrules:\n"

@@ -152,7 +152,6 @@ def test_only_our_own_servers_authentication_results_count(tmp_path):
         (datetime(2026, 11, 23, 23, 59, tzinfo=UTC), False),  # Tue 08:59 JST
         (datetime(2026, 11, 23, 1, 0, tzinfo=UTC), False),  # Mon 10:00 JST, a holiday
         (datetime(2026, 11, 21, 1, 0, tzinfo=UTC), False),  # Sat 10:00 JST
-        (datetime(2026, 11, 24, 1, 0), True),  # naive (SQLite) means UTC
     ],
 )
 def test_business_hours_in_tokyo_with_a_holiday(tmp_path, received_at, inside):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from ingest.extract import DEFAULT_ZONE
 from rules.reload import RulesHolder, watch_rules
 from storage import db
 from storage.models import Ticket
@@ -44,7 +45,7 @@ def replace_file(path: Path, text: str) -> None:
 
 def test_a_refused_reload_keeps_the_last_good_rules(tmp_path, caplog):
     path = write_rules(tmp_path, GOOD)
-    holder = RulesHolder.load(path)
+    holder = RulesHolder.load(path, DEFAULT_ZONE)
     good = holder.current()
     path.write_text(path.read_text().replace(GOOD, BROKEN), encoding="utf-8")
     assert holder.reload() is False
@@ -63,7 +64,7 @@ def test_a_refused_reload_keeps_the_last_good_rules(tmp_path, caplog):
 @pytest.fixture
 def watching(tmp_path) -> Iterator[RulesHolder]:
     """A holder whose file is watched by `watch_rules` on an event loop in a thread."""
-    holder = RulesHolder.load(write_rules(tmp_path, GOOD))
+    holder = RulesHolder.load(write_rules(tmp_path, GOOD), DEFAULT_ZONE)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     thread = threading.Thread(
