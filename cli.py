@@ -11,11 +11,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -44,7 +45,7 @@ from sources.service import ListenerError, Service, serve_until_signalled
 from storage import db, repo
 from storage.models import Fate, InboundMessage, Stage, utcnow
 from views.mail import explained, parsed_view, rules_summary
-from views.records import failed_view, history_of, iso, message_view, ticket_view
+from views.records import failed_view, history_of, message_view, ticket_view
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -197,14 +198,29 @@ def print_history(history: list[dict[str, Any]]) -> None:
         error = f": {entry['error']}" if entry["error"] else ""
         who = f"{entry['username'] or '?'}@{entry['host']} pid {entry['pid']}: {entry['command']}"
         out.print(
-            f"  {entry['attempted_at']} {entry['outcome']}{where}{error} ({who})",
+            f"  {readable(entry['attempted_at'])} {entry['outcome']}{where}{error} ({who})",
             highlight=False,
             markup=False,
         )
 
 
 def print_json(data: Any) -> None:
-    out.print_json(json.dumps(data, ensure_ascii=False))
+    out.print_json(json.dumps(data, ensure_ascii=False, default=json_value))
+
+
+def json_value(value: Any) -> Any:
+    """What JSON has no type for: times as ISO 8601 with their offset (UTC from the store)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def display_zone() -> tzinfo:
+    """The configured time zone, for times shown to people."""
+    context = click.get_current_context(silent=True)
+    state = context.find_root().obj if context else None
+    settings = state.settings if isinstance(state, CliState) else None
+    return (settings or Settings()).zone
 
 
 def print_fields(view: dict[str, Any], names: Iterable[str]) -> None:
@@ -217,6 +233,12 @@ def readable(value: Any) -> str:
     """A value as a person reads it: lists comma-separated, mappings as `key=value`, no reprs."""
     if value is None:
         return "-"
+    if isinstance(value, datetime):
+        return (
+            f"{value.astimezone(display_zone()):%Y-%m-%d %H:%M:%S %Z}"
+            if value.tzinfo
+            else str(value)
+        )
     if isinstance(value, list | tuple):
         return ", ".join(readable(v) for v in value)
     if isinstance(value, dict):
@@ -235,7 +257,7 @@ def print_rows(
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
+        table.add_row(*("" if row[c] is None else readable(row[c]) for c in columns))
     out.print(table)
 
 
@@ -441,7 +463,7 @@ def tickets_show(
         view = ticket_view(ticket) | {
             "body": ticket.body,
             "comments": [
-                {"author_email": c.author_email, "created_at": iso(c.created_at), "body": c.body}
+                {"author_email": c.author_email, "created_at": c.created_at, "body": c.body}
                 for c in ticket.comments
             ],
             "attachments": [
@@ -843,7 +865,7 @@ def rules_diff(
     if json_output:
         print_json({"replayed": replayed, "changed": rows})
         return
-    readable = [
+    shown = [
         r
         | {
             "changes": "; ".join(
@@ -852,8 +874,8 @@ def rules_diff(
         }
         for r in rows
     ]
-    title = f"would change ({len(rows)} of {replayed} since {iso(start)})"
-    print_rows(title, ["inbound_id", "ticket", "subject", "changes"], readable, json_output=False)
+    title = f"would change ({len(rows)} of {replayed} since {readable(start)})"
+    print_rows(title, ["inbound_id", "ticket", "subject", "changes"], shown, json_output=False)
 
 
 @db_app.command("upgrade")

@@ -8,7 +8,6 @@ from typing import Any
 
 from ingest.mail import Decision, IncomingMail
 from rules.engine import CompiledRules, Evaluation
-from views.records import iso
 
 
 def parsed_view(mail: IncomingMail) -> dict[str, Any]:
@@ -19,7 +18,7 @@ def parsed_view(mail: IncomingMail) -> dict[str, Any]:
         "message_id": parsed.message_id,
         "subject": parsed.subject,
         "from": {"name": parsed.from_name, "email": parsed.from_email},
-        "date": iso(parsed.date),
+        "date": parsed.date,
         "headers": [[name, value] for name, value in parsed.headers],
         "source_kind": mail.source_kind,
         "auto_reply": mail.auto_reply,

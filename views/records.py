@@ -1,9 +1,10 @@
 """The ledger, tickets and attempts as plain dicts: what `--json` prints and what the human
-output is made from. The CLI (and any other front end) shows these and nothing else."""
+output is made from. The CLI (and any other front end) shows these and nothing else. Times stay
+`datetime`s (UTC from the store): JSON writes them as ISO 8601, people read them in the
+configured zone (`cli.readable`)."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -13,14 +14,10 @@ from storage import repo
 from storage.models import InboundMessage, ProcessingAttempt, Ticket
 
 
-def iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
 def ticket_view(ticket: Ticket) -> dict[str, Any]:
     return {
         "key": ticket.key,
-        "created_at": iso(ticket.created_at),
+        "created_at": ticket.created_at,
         "source_kind": ticket.source_kind,
         "category": ticket.category,
         "subject": ticket.subject,
@@ -31,7 +28,7 @@ def ticket_view(ticket: Ticket) -> dict[str, Any]:
         "assignee": ticket.assignee,
         "priority": ticket.priority,
         "status": ticket.status,
-        "due_at": iso(ticket.due_at),
+        "due_at": ticket.due_at,
         "labels": ticket.labels,
         "fields": ticket.fields,
         "rule_names": ticket.rule_names,
@@ -43,7 +40,7 @@ def ticket_view(ticket: Ticket) -> dict[str, Any]:
 def message_view(message: InboundMessage) -> dict[str, Any]:
     return {
         "id": message.id,
-        "received_at": iso(message.received_at),
+        "received_at": message.received_at,
         "source": message.source,
         "message_id": message.message_id,
         "mail_from": message.mail_from,
@@ -55,21 +52,21 @@ def message_view(message: InboundMessage) -> dict[str, Any]:
         "fail_stage": message.fail_stage,
         "error": message.error,
         "attempts": message.attempts,
-        "processed_at": iso(message.processed_at),
+        "processed_at": message.processed_at,
         "drop_reason": message.drop_reason,
         "rule_hits": message.rule_hits,
         "rule_misses": message.rule_misses,
         "defects": message.defects,
         "ticket_id": message.ticket_id,
         "duplicate_of_id": message.duplicate_of_id,
-        "next_attempt_at": iso(message.next_attempt_at),
+        "next_attempt_at": message.next_attempt_at,
         "discard_reason": message.discard_reason,
     }
 
 
 def attempt_view(attempt: ProcessingAttempt) -> dict[str, Any]:
     return {
-        "attempted_at": iso(attempt.attempted_at),
+        "attempted_at": attempt.attempted_at,
         "outcome": attempt.outcome,
         "stage": attempt.stage,
         "error": short_error(attempt.error),
@@ -88,7 +85,7 @@ def failed_view(message: InboundMessage, raw_head: bytes) -> dict[str, Any]:
     headers = decoded_headers(raw_head)
     return {
         "id": message.id,
-        "received_at": iso(message.received_at),
+        "received_at": message.received_at,
         "source": message.source,
         "message_id": message.message_id,
         "from": first_header(headers, "From") or message.mail_from,
@@ -96,8 +93,8 @@ def failed_view(message: InboundMessage, raw_head: bytes) -> dict[str, Any]:
         "stage": message.fail_stage,
         "error": short_error(message.error),
         "attempts": message.attempts,
-        "failed_at": iso(message.processed_at),
-        "next_attempt_at": iso(message.next_attempt_at),
+        "failed_at": message.processed_at,
+        "next_attempt_at": message.next_attempt_at,
     }
 
 
