@@ -4,9 +4,9 @@
                                          [--rate 100] [--seconds 60] [--workers 1]
                                          [--database-url URL] [--skip-paced]
 
-In one run, against each server (each started fresh on a free port; mailintake with a
-throw-away SQLite database, or `--database-url`, migrated first; processing in worker
-processes, `--workers` of them, as in production):
+In one run, against each server (each started fresh on a free port; mailintake with a fresh
+throw-away SQLite database per start, or `--database-url` (its backlogs then add up), and
+processing in `--workers` worker processes, as in production):
 1. `smtp-source -s 8 -d` sends `--small` 2 KB and `--large` 260 KB messages: messages per second
    from its wall time (the asyncio client instead when smtp-source is not installed);
 2. a paced asyncio client offers `--rate` messages per second for `--seconds` seconds over 8
@@ -255,6 +255,26 @@ def received_rows(url: str) -> int:
         engine.dispose()
 
 
+class Ledger:
+    """A fresh database for each mailintake start (SQLite), so each backlog is its own run's."""
+
+    def __init__(self, given: str | None, workdir: Path) -> None:
+        self.given, self.workdir, self.runs = given, workdir, 0
+        self.url = given or ""
+
+    def fresh(self) -> str:
+        self.runs += 1
+        if not self.given:
+            self.url = f"sqlite:///{self.workdir / f'bench-{self.runs}.db'}"
+        engine = db.make_engine(self.url)
+        db.upgrade(engine)
+        engine.dispose()
+        return self.url
+
+    def backlog(self) -> int:
+        return received_rows(self.url)
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     if proc.stdin is not None:
@@ -313,16 +333,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="smtp-bench-") as tmp:
         workdir = Path(tmp)
-        url = args.database_url or f"sqlite:///{workdir / 'bench.db'}"
-        engine = db.make_engine(url)
-        db.upgrade(engine)
-        engine.dispose()
+        ledger = Ledger(args.database_url, workdir)
         servers = [
             Server("aiosmtpd do-nothing", start_do_nothing),
             Server(
                 f"mailintake serve ({args.workers} worker)",
-                lambda: start_mailintake(url, workdir, args.workers),
-                lambda: received_rows(url),
+                lambda: start_mailintake(ledger.fresh(), workdir, args.workers),
+                ledger.backlog,
             ),
         ]
         if Path(shutil.which("smtp-sink") or "/usr/sbin/smtp-sink").exists():
@@ -330,7 +347,8 @@ def main() -> None:
         if args.only:
             wanted = args.only.split(",")
             servers = [s for s in servers if any(s.name.startswith(w) for w in wanted)]
-        print(f"{os.cpu_count()} CPUs; smtp-source -s {args.sessions}; database {url}")
+        where = args.database_url or "a fresh SQLite file per run"
+        print(f"{os.cpu_count()} CPUs; smtp-source -s {args.sessions}; database: {where}")
         for server in servers:
             run(server, args)
         base = servers[0].rates
