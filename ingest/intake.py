@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,24 +17,9 @@ def receive(sessions: sessionmaker[Session], raw: bytes, envelope: Envelope) -> 
 
     Raises whatever the database raises; callers must not acknowledge the message then.
     """
-    return receive_many(sessions, [(raw, envelope)])[0]
-
-
-def receive_many(
-    sessions: sessionmaker[Session], messages: Sequence[tuple[bytes, Envelope]]
-) -> list[int]:
-    """Commit several messages in one transaction (group commit: one fsync for all) and return
-    their row ids in order. All or none: callers acknowledge none of them if it raises."""
-    rows = [ledger_row(raw, envelope) for raw, envelope in messages]
-    with sessions.begin() as session:
-        session.add_all(rows)
-    return [row.id for row in rows]
-
-
-def ledger_row(raw: bytes, envelope: Envelope) -> InboundMessage:
     digest = hashlib.sha256(raw).hexdigest()
     message_id, key = identity_of(raw, digest)
-    return InboundMessage(
+    row = InboundMessage(
         source=envelope.source,
         raw=raw,
         size=len(raw),
@@ -48,6 +32,9 @@ def ledger_row(raw: bytes, envelope: Envelope) -> InboundMessage:
         envelope=envelope.extra,
         status=Fate.RECEIVED,
     )
+    with sessions.begin() as session:
+        session.add(row)
+    return row.id
 
 
 def unstored_mail(raw: bytes, envelope: Envelope, received_at: datetime) -> IncomingMail:

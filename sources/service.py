@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from config import ListenerSettings, Settings
-from ingest.intake import receive, receive_many
+from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.process import PipelineContext
 from sources.imap import fetch_until_stopped
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 BackgroundTask = Callable[[asyncio.Event], Awaitable[None]]
 
 DRAIN_POLL_SECONDS = 0.05
-GROUP_COMMIT_MAX = 64  # messages per ledger transaction
 SUPERVISE_SECONDS = 0.2  # how often dead worker processes are looked for
 
 
@@ -101,8 +100,6 @@ class Service:
                 ),
             )
         self._executor: ThreadPoolExecutor | None = None
-        self._queue: list[tuple[bytes, Envelope, asyncio.Future[int]]] = []
-        self._committer: asyncio.Task[None] | None = None
 
     def add_task(self, name: str, task: BackgroundTask) -> None:
         """Run `task(stop)` beside the listeners (e.g. an IMAP fetcher, a rules reloader)."""
@@ -113,51 +110,14 @@ class Service:
         return next(listener.address for listener in self.listeners if listener.name == name)
 
     async def store(self, raw: bytes, envelope: Envelope) -> int:
-        """Commit a message to the ledger and wake the worker; raises on failure.
-
-        Group commit: messages that arrive while a commit is in flight are committed together
-        in the next transaction (one fsync for all), each sender answered after that commit.
-        """
+        """Commit a message to the ledger (in a thread) and wake the worker; raises on failure."""
         assert self._executor is not None, "store() is only available while the service runs"
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((raw, envelope, future))
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_queued())
-        inbound_id = await future
+        loop = asyncio.get_running_loop()
+        inbound_id = await loop.run_in_executor(
+            self._executor, receive, self.pipeline.sessions, raw, envelope
+        )
         self.worker.wake()
         return inbound_id
-
-    async def _commit_queued(self) -> None:
-        """Commit what is queued, in batches, until the queue is empty (one batch in flight)."""
-        loop = asyncio.get_running_loop()
-        sessions = self.pipeline.sessions
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[:GROUP_COMMIT_MAX], self._queue[GROUP_COMMIT_MAX:]
-                messages = [(raw, envelope) for raw, envelope, _ in batch]
-                try:
-                    ids = await loop.run_in_executor(
-                        self._executor, receive_many, sessions, messages
-                    )
-                except Exception as exc:
-                    if len(batch) == 1:
-                        _settle(batch[0][2], exc)
-                        continue
-                    # One at a time, so a row the database refuses costs only its own sender.
-                    for raw, envelope, future in batch:
-                        try:
-                            one = await loop.run_in_executor(
-                                self._executor, receive, sessions, raw, envelope
-                            )
-                        except Exception as error:
-                            _settle(future, error)
-                        else:
-                            _settle(future, one)
-                    continue
-                for (_raw, _envelope, future), inbound_id in zip(batch, ids, strict=True):
-                    _settle(future, inbound_id)
-        finally:
-            self._committer = None
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until `stop` is set, then shut down gracefully. Raises ListenerError."""
@@ -230,8 +190,6 @@ class Service:
             listener.server.close()  # stop accepting
         await self._drain_sessions(grace)
         await self._stop_tasks(tasks, grace)
-        if self._committer is not None:
-            await asyncio.wait([self._committer])
         if self._executor is not None:
             # In-flight commits finish; their clients either got their 250 or will retry.
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
@@ -264,16 +222,6 @@ class Service:
             log.warning("background task %s did not stop within %.0f s", task.get_name(), grace)
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-
-
-def _settle(future: asyncio.Future[int], outcome: int | BaseException) -> None:
-    """Answer a waiting store() (unless its session went away meanwhile)."""
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
 
 
 async def serve_until_signalled(service: Service) -> None:
