@@ -42,6 +42,7 @@ from rules.reload import RulesHolder, watch_rules
 from sources.files import STDIN, MessageSource
 from sources.imap import Hooks, folder_fetchers
 from sources.service import ListenerError, Service, serve_until_signalled
+from sources.workers import WorkerPool
 from storage import db, repo
 from storage.models import Fate, InboundMessage, Stage, utcnow
 from views.mail import explained, parsed_view, rules_summary
@@ -724,18 +725,44 @@ def failed_discard(
 def serve(ctx: typer.Context) -> None:
     """Receive mail by SMTP (and LMTP) and turn it into tickets until SIGTERM/SIGINT.
 
-    Exits 2 if a listener cannot start (e.g. its port is taken), 3 if the database is unavailable.
+    Processing runs in `processing.workers` worker processes (`processing.mode: process`) or in a
+    thread (`thread`). Exits 2 if a listener cannot start (e.g. its port is taken) or the rules
+    or templates file is refused, 3 if the database is unavailable.
     """
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
     with runtime(ctx) as rt:
         try:
-            service = Service(rt.settings, rt.pipeline())
+            pipeline = rt.pipeline()  # a bad rules or templates file stops here (exit 2)
             holder = rt.rules_holder()
-            if holder is not None:
-                service.add_task("rules-reload", partial(watch_rules, holder))
+            if rt.settings.processing.mode == "thread":
+                service = Service(rt.settings, pipeline)
+                if holder is not None:
+                    service.add_task("rules-reload", partial(watch_rules, holder))
+            else:
+                workers = WorkerPool(rt.settings, holder)
+                service = Service(rt.settings, pipeline, workers)
+                if holder is not None:
+                    watched = WorkerRules(holder, workers)
+                    service.add_task("rules-reload", partial(watch_rules, watched))
             asyncio.run(serve_until_signalled(service))
         except ListenerError as exc:
             raise fail(str(exc), EXIT_USAGE) from exc
+
+
+class WorkerRules(RulesHolder):
+    """The parent's copy of the rules in process mode: it validates each change (and logs a
+    refused one once), then tells the workers to reload theirs."""
+
+    def __init__(self, holder: RulesHolder, workers: WorkerPool) -> None:
+        super().__init__(holder.path, holder.current())
+        self.workers = workers
+
+    def reload(self) -> bool:
+        changed = super().reload()
+        if self.last_error is None:
+            self.workers.rules_changed(self)
+            self.workers.reload()
+        return changed
 
 
 RulesFileOption = Annotated[

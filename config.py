@@ -135,6 +135,18 @@ class RetrySettings(Section):
     max_backoff_seconds: float = Field(default=3600, gt=0)
 
 
+class ProcessingSettings(Section):
+    """Where `mailintake serve` turns stored messages into tickets.
+
+    `process`: in `workers` processes of their own, so no message, however costly, delays the
+    listener's replies and every core works; `thread`: in one thread of the listener process.
+    """
+
+    mode: Literal["process", "thread"] = "process"
+    workers: int = Field(default=1, ge=1, le=64)
+    rescan_seconds: float = Field(default=30, gt=0)  # also picks up due retries and leftovers
+
+
 class ListenerSettings(Section):
     """Where a listener binds; port 0 takes any free port (tests do)."""
 
@@ -255,6 +267,7 @@ class Settings(BaseSettings):
     templates: TemplateSettings = TemplateSettings()
     rules: RulesSettings = RulesSettings()
     retry: RetrySettings = RetrySettings()
+    processing: ProcessingSettings = ProcessingSettings()
     smtp: SmtpSettings = SmtpSettings()
     lmtp: LmtpSettings = LmtpSettings()
     imap: ImapSettings = ImapSettings()

@@ -1,16 +1,18 @@
-"""Drive `mailintake serve` over SMTP: accepted messages per second, end-of-DATA-to-reply latency.
+"""Compare SMTP intake: aiosmtpd's do-nothing server, `mailintake serve`, Postfix's smtp-sink.
 
-    .venv/bin/python bench/smtp_bench.py [--messages 2000] [--sessions 10] [--size 4096]
-                                         [--database-url URL]
+    .venv/bin/python bench/smtp_bench.py [--small 2000] [--large 300] [--sessions 8]
+                                         [--rate 100] [--seconds 60] [--workers 1]
+                                         [--database-url URL] [--skip-paced]
 
-Starts `mailintake serve` as a child process on a free port with a throw-away SQLite database
-(or `--database-url`, migrated first), then
-1. Postfix's `smtp-source` (if installed; Postfix itself is not started) sends `--messages`
-   messages over `--sessions` parallel connections: messages per second from its wall time;
-2. an asyncio client with the same concurrency sends as many again and times, per message, the
-   span from writing the final "." of DATA to reading the reply: p50 and p99.
-At the end it checks that the ledger holds every acknowledged message. The processing worker
-runs meanwhile, as in production. A benchmark, not a test: it prints figures.
+In one run, against each server (each started fresh on a free port; mailintake with a fresh
+throw-away SQLite database per start, or `--database-url` (its backlogs then add up), and
+processing in `--workers` worker processes, as in production):
+1. `smtp-source -s 8 -d` sends `--small` 2 KB and `--large` 260 KB messages: messages per second
+   from its wall time (the asyncio client instead when smtp-source is not installed);
+2. a paced asyncio client offers `--rate` messages per second for `--seconds` seconds over 8
+   connections and times, per message, the end of DATA to the reply: p50 and p99;
+3. for mailintake, the backlog: ledger rows still `received` when the senders finish.
+It prints the figures and the ratios to aiosmtpd's do-nothing server. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -21,37 +23,114 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import func, select
 
 from storage import db
-from storage.models import InboundMessage
+from storage.models import Fate, InboundMessage
 
 RECIPIENT = "inquiry@wine-importer.example.jp"
 SENDER = "bench@denwa-daiko.example.com"
 LISTENING = re.compile(r"listening for SMTP on 127\.0\.0\.1:(\d+)")
+WORKER_STARTED = re.compile(r"worker-\d+ started")
+SMALL, LARGE = 2 * 1024, 260 * 1024
+CONNECTIONS = 8
+
+DO_NOTHING = """
+import asyncio, sys
+from aiosmtpd.controller import Controller
+
+class Handler:
+    async def handle_DATA(self, server, session, envelope):
+        return "250 OK"
+
+controller = Controller(Handler(), hostname="127.0.0.1", port=int(sys.argv[1]),
+                        data_size_limit=None)
+controller.start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
 
 
-def start_server(url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
-    """`mailintake serve` on a free port; returns the process, the port and its log file."""
-    log_path = workdir / "serve.log"
-    env = os.environ | {"MAILINTAKE_DATABASE__URL": url, "MAILINTAKE_SMTP__PORT": "0"}
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"{what} did not start")
+
+
+@dataclass
+class Server:
+    name: str
+    start: Callable[[], tuple[subprocess.Popen[bytes], int]]
+    backlog: Callable[[], int | None] = lambda: None
+    results: dict[str, str] = field(default_factory=dict)
+    rates: dict[str, float] = field(default_factory=dict)
+
+
+def start_do_nothing() -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DO_NOTHING, str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    wait_port(port, proc, "aiosmtpd do-nothing")
+    return proc, port
+
+
+def start_sink() -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    tool = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    proc = subprocess.Popen(
+        [tool, "-u", "nobody", "-c", f"127.0.0.1:{port}", "1000"], stdout=subprocess.DEVNULL
+    )
+    wait_port(port, proc, "smtp-sink")
+    return proc, port
+
+
+def start_mailintake(url: str, workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+    log_path = workdir / f"serve-{time.monotonic_ns()}.log"
+    env = os.environ | {
+        "MAILINTAKE_DATABASE__URL": url,
+        "MAILINTAKE_SMTP__PORT": "0",
+        "MAILINTAKE_SMTP__MAX_CONNECTIONS": "200",
+        "MAILINTAKE_INTAKE__MAX_MESSAGE_BYTES": str(10 * 1024 * 1024),
+        "MAILINTAKE_PROCESSING__MODE": "process",
+        "MAILINTAKE_PROCESSING__WORKERS": str(workers),
+    }
     env.pop("MAILINTAKE_CONFIG", None)
     command = [str(Path(sys.executable).parent / "mailintake"), "serve"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, cwd=workdir, env=env, stderr=log)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found = LISTENING.search(log_path.read_text(errors="replace"))
-        if found:
-            return proc, int(found.group(1)), log_path
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # listening, and every worker ready
+        text = log_path.read_text(errors="replace")
+        found = LISTENING.search(text)
+        if found and len(WORKER_STARTED.findall(text)) >= workers:
+            return proc, int(found.group(1))
         if proc.poll() is not None:
             break
         time.sleep(0.1)
@@ -59,16 +138,12 @@ def start_server(url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int,
     sys.exit(f"mailintake serve did not start:\n{log_path.read_text(errors='replace')}")
 
 
-def run_smtp_source(port: int, messages: int, sessions: int, size: int) -> float | None:
-    """Messages per second through smtp-source, or None when it is not installed."""
+def smtp_source(port: int, messages: int, size: int, sessions: int) -> float:
     tool = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-    if not Path(tool).exists():
-        print("smtp-source: not installed (Debian package postfix); skipped")
-        return None
     command = [tool, "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size)]
     command += ["-f", SENDER, "-t", RECIPIENT, "-M", "bench.example.jp", f"127.0.0.1:{port}"]
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return messages / (time.perf_counter() - started)
 
 
@@ -84,7 +159,6 @@ def message(size: int) -> bytes:
 
 
 async def reply(reader: asyncio.StreamReader) -> bytes:
-    """A whole (possibly multi-line) reply; its last line."""
     while True:
         line = await reader.readline()
         if not line or line[3:4] != b"-":
@@ -97,81 +171,195 @@ async def command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, te
     return await reply(reader)
 
 
-async def session(port: int, count: int, size: int, latencies: list[float]) -> int:
-    """Send `count` messages over one connection; returns how many got 250."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    accepted = 0
-    try:
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         await reply(reader)
         await command(reader, writer, "EHLO bench.example.jp")
-        for _ in range(count):
-            await command(reader, writer, f"MAIL FROM:<{SENDER}>")
-            await command(reader, writer, f"RCPT TO:<{RECIPIENT}>")
-            await command(reader, writer, "DATA")
-            writer.write(message(size) + b".\r\n")
-            await writer.drain()
-            sent = time.perf_counter()
-            answer = await reply(reader)
-            latencies.append(time.perf_counter() - sent)
-            accepted += answer.startswith(b"250")
-        await command(reader, writer, "QUIT")
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    return accepted
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> tuple[bool, float]:
+        """One transaction; whether it got 250 and the end-of-DATA-to-reply seconds."""
+        await command(self.reader, self.writer, f"MAIL FROM:<{SENDER}>")
+        await command(self.reader, self.writer, f"RCPT TO:<{RECIPIENT}>")
+        await command(self.reader, self.writer, "DATA")
+        self.writer.write(data + b".\r\n")
+        await self.writer.drain()
+        sent = time.perf_counter()
+        answer = await reply(self.reader)
+        return answer.startswith(b"250"), time.perf_counter() - sent
+
+    async def close(self) -> None:
+        await command(self.reader, self.writer, "QUIT")
+        self.writer.close()
+        await self.writer.wait_closed()
 
 
-async def run_latency_client(port: int, messages: int, sessions: int, size: int) -> None:
+async def paced(port: int, rate: float, seconds: float, size: int) -> tuple[int, list[float]]:
+    """Offer `rate` messages per second for `seconds`; accepted count and latencies."""
+    idle: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(CONNECTIONS):
+        idle.put_nowait(await Connection.open(port))
     latencies: list[float] = []
-    per_session = [messages // sessions + (i < messages % sessions) for i in range(sessions)]
+    accepted = 0
+
+    async def one(data: bytes) -> None:
+        nonlocal accepted
+        conn = await idle.get()
+        ok, latency = await conn.send(data)
+        accepted += ok
+        latencies.append(latency)
+        idle.put_nowait(conn)
+
+    total = int(rate * seconds)
     started = time.perf_counter()
-    accepted = await asyncio.gather(*(session(port, n, size, latencies) for n in per_session))
-    elapsed = time.perf_counter() - started
-    q = statistics.quantiles(latencies, n=100)
-    print(
-        f"asyncio client: {sum(accepted)}/{messages} accepted in {elapsed:.2f}s: "
-        f"{sum(accepted) / elapsed:.0f} msg/s; end of DATA to reply: "
-        f"p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms"
-    )
+    tasks = []
+    for i in range(total):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(message(size))))
+    await asyncio.gather(*tasks)
+    for _ in range(CONNECTIONS):
+        await (await idle.get()).close()
+    return accepted, latencies
 
 
-def ledger_count(url: str) -> int:
+async def burst(port: int, messages: int, size: int, sessions: int) -> float:
+    """The asyncio client's stand-in for smtp-source: messages per second."""
+    data = message(size)
+
+    async def session(count: int) -> None:
+        conn = await Connection.open(port)
+        for _ in range(count):
+            await conn.send(data)
+        await conn.close()
+
+    started = time.perf_counter()
+    shares = [messages // sessions + (i < messages % sessions) for i in range(sessions)]
+    await asyncio.gather(*(session(n) for n in shares))
+    return messages / (time.perf_counter() - started)
+
+
+def received_rows(url: str) -> int:
     engine = db.make_engine(url)
     try:
         with engine.connect() as conn:
-            return conn.scalar(select(func.count()).select_from(InboundMessage)) or 0
+            query = select(func.count()).where(InboundMessage.status == Fate.RECEIVED)
+            return conn.scalar(query) or 0
     finally:
         engine.dispose()
+
+
+class Ledger:
+    """A fresh database for each mailintake start (SQLite), so each backlog is its own run's."""
+
+    def __init__(self, given: str | None, workdir: Path) -> None:
+        self.given, self.workdir, self.runs = given, workdir, 0
+        self.url = given or ""
+
+    def fresh(self) -> str:
+        self.runs += 1
+        if not self.given:
+            self.url = f"sqlite:///{self.workdir / f'bench-{self.runs}.db'}"
+        engine = db.make_engine(self.url)
+        db.upgrade(engine)
+        engine.dispose()
+        return self.url
+
+    def backlog(self) -> int:
+        return received_rows(self.url)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run(server: Server, args: argparse.Namespace) -> None:
+    have_source = Path(shutil.which("smtp-source") or "/usr/sbin/smtp-source").exists()
+    for label, count, size in (("2 KB", args.small, SMALL), ("260 KB", args.large, LARGE)):
+        proc, port = server.start()
+        try:
+            if have_source:
+                rate = smtp_source(port, count, size, args.sessions)
+            else:
+                rate = asyncio.run(burst(port, count, size, args.sessions))
+            backlog = server.backlog()  # when the senders are done
+        finally:
+            stop(proc)
+        server.rates[label] = rate
+        extra = f", backlog {backlog} received" if backlog is not None else ""
+        server.results[label] = f"{rate:.0f} msg/s{extra}"
+        print(f"{server.name}: {count} x {label}: {server.results[label]}", flush=True)
+    if args.skip_paced:
+        return
+    proc, port = server.start()
+    try:
+        accepted, latencies = asyncio.run(paced(port, args.rate, args.seconds, SMALL))
+        backlog = server.backlog()
+    finally:
+        stop(proc)
+    q = statistics.quantiles(latencies, n=100)
+    extra = f", backlog {backlog} received" if backlog is not None else ""
+    server.results["paced"] = (
+        f"{accepted}/{len(latencies)} accepted, p50 {q[49] * 1000:.1f} ms, "
+        f"p99 {q[98] * 1000:.1f} ms, max {max(latencies) * 1000:.0f} ms{extra}"
+    )
+    print(f"{server.name}: {args.rate:g} msg/s x {args.seconds:g} s: {server.results['paced']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--sessions", type=int, default=10)
-    parser.add_argument("--size", type=int, default=4096, help="body bytes per message")
+    parser.add_argument("--small", type=int, default=2000, help="2 KB messages")
+    parser.add_argument("--large", type=int, default=300, help="260 KB messages")
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=100, help="paced run: messages per second")
+    parser.add_argument("--seconds", type=float, default=60, help="paced run: duration")
+    parser.add_argument("--workers", type=int, default=1, help="mailintake worker processes")
     parser.add_argument("--database-url", help="default: a throw-away SQLite file")
+    parser.add_argument("--skip-paced", action="store_true")
+    parser.add_argument("--only", help="comma-separated: aiosmtpd,mailintake,smtp-sink")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="smtp-bench-") as tmp:
         workdir = Path(tmp)
-        url = args.database_url or f"sqlite:///{workdir / 'bench.db'}"
-        engine = db.make_engine(url)
-        db.upgrade(engine)
-        engine.dispose()
-        before = ledger_count(url)
-        proc, port, log_path = start_server(url, workdir)
-        try:
-            print(f"mailintake serve on 127.0.0.1:{port}, database {url}")
-            print(f"{args.messages} messages x 2, {args.sessions} sessions, {args.size} B bodies")
-            rate = run_smtp_source(port, args.messages, args.sessions, args.size)
-            if rate is not None:
-                print(f"smtp-source: {rate:.0f} msg/s accepted")
-            asyncio.run(run_latency_client(port, args.messages, args.sessions, args.size))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(120)
-        stored = ledger_count(url) - before
-        refused = log_path.read_text(errors="replace").count("answered 451")
-        print(f"ledger: {stored} new rows, {refused} answered 451; serve exited {code}")
+        ledger = Ledger(args.database_url, workdir)
+        servers = [
+            Server("aiosmtpd do-nothing", start_do_nothing),
+            Server(
+                f"mailintake serve ({args.workers} worker)",
+                lambda: start_mailintake(ledger.fresh(), workdir, args.workers),
+                ledger.backlog,
+            ),
+        ]
+        if Path(shutil.which("smtp-sink") or "/usr/sbin/smtp-sink").exists():
+            servers.append(Server("smtp-sink", start_sink))
+        if args.only:
+            wanted = args.only.split(",")
+            servers = [s for s in servers if any(s.name.startswith(w) for w in wanted)]
+        where = args.database_url or "a fresh SQLite file per run"
+        print(f"{os.cpu_count()} CPUs; smtp-source -s {args.sessions}; database: {where}")
+        for server in servers:
+            run(server, args)
+        base = servers[0].rates
+        print("\n| server | 2 KB | 260 KB | paced |")
+        print("|---|---|---|---|")
+        for server in servers:
+            cells = []
+            for label in ("2 KB", "260 KB"):
+                ratio = server.rates.get(label, 0) / base[label] if base.get(label) else 0
+                cells.append(f"{server.results.get(label, '-')} ({ratio:.2f}x)")
+            print(f"| {server.name} | {' | '.join(cells)} | {server.results.get('paced', '-')} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""`mailintake serve`: the listeners, the processing worker and background tasks in one process.
+"""`mailintake serve`: the listeners, background tasks and the processing workers.
 
 The event loop only talks SMTP/LMTP. Committing a message (`intake.receive`) runs in a thread
 pool so a slow commit never blocks other sessions; processing (parse, rules, ticket) runs in
-the `ProcessingWorker` thread, woken after every commit, so no sender waits for it.
+worker processes (`WorkerPool`, `processing.mode: process`) or in a `ProcessingWorker` thread
+(`processing.mode: thread`, and tests that bring their own pipeline), woken after every commit,
+so no sender waits for it (sources/workers.py).
 
 Other sources plug in as background tasks: `Service.add_task(name, task)` where `task(stop)` is
 a coroutine function that runs until the `stop` event is set. A task that stores a message
@@ -11,17 +13,18 @@ calls `await service.store(raw, envelope)`, which commits and wakes the worker.
 Shutdown (SIGTERM/SIGINT): stop accepting, say goodbye (421) to idle clients, let clients in
 the middle of a transaction finish within `smtp.shutdown_grace_seconds`, then close the rest
 (their unacknowledged message stays theirs to retry), stop the tasks, let the in-flight commits
-and the message being processed finish.
+and the message being processed finish (workers still busy after the grace period are
+killed; their message stays `received` for the next start).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +34,7 @@ from functools import partial
 from config import ListenerSettings, Settings
 from ingest.intake import receive
 from ingest.mail import Envelope
-from pipeline.process import PipelineContext, process
-from pipeline.replay import retry_due
+from pipeline.process import PipelineContext
 from sources.imap import fetch_until_stopped
 from sources.smtp import (
     Door,
@@ -42,77 +44,18 @@ from sources.smtp import (
     protocol_factory,
     tls_context,
 )
-from storage import repo
+from sources.workers import ProcessingWorker, WorkerPool
 
 log = logging.getLogger(__name__)
 
 BackgroundTask = Callable[[asyncio.Event], Awaitable[None]]
 
-WORKER_BATCH = 100
-RETRY_BATCH = 10  # automatic retries per pass, between which a stop request is honoured
-WORKER_RESCAN_SECONDS = 30.0  # also picks up rows other processes left, and retries after faults
 DRAIN_POLL_SECONDS = 0.05
+SUPERVISE_SECONDS = 0.2  # how often dead worker processes are looked for
 
 
 class ListenerError(RuntimeError):
     """A listener could not start (port taken, certificate unreadable); says which and why."""
-
-
-class ProcessingWorker:
-    """Turns ledger rows into tickets in its own thread; `wake()` after each commit."""
-
-    def __init__(self, pipeline: PipelineContext, rescan_seconds: float = WORKER_RESCAN_SECONDS):
-        self.pipeline = pipeline
-        self.rescan_seconds = rescan_seconds
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._wake.set()  # first pass: rows left over from an earlier run
-        self._thread = threading.Thread(target=self._run, name="mailintake-worker", daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self, timeout: float) -> bool:
-        """Finish the message in hand, then stop; False if it did not finish within `timeout`.
-
-        A message cut off is rolled back and stays `received`, processed on the next start.
-        """
-        self._stop.set()
-        self._wake.set()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.rescan_seconds)
-            self._wake.clear()
-            try:
-                self._drain()
-            except Exception:
-                log.exception("processing paused, retrying in %.0f s", self.rescan_seconds)
-
-    def _drain(self) -> None:
-        while not self._stop.is_set():
-            with self.pipeline.sessions() as session:
-                ids = repo.pending_ids(session, WORKER_BATCH)
-            if not ids:
-                self._retry_due()
-                return
-            for inbound_id in ids:
-                if self._stop.is_set():
-                    return
-                process(self.pipeline, inbound_id)
-
-    def _retry_due(self) -> None:
-        """Transient failures whose backoff has passed, a few at a time so a stop is honoured."""
-        while not self._stop.is_set() and retry_due(self.pipeline, limit=RETRY_BATCH).outcomes:
-            pass
 
 
 @dataclass
@@ -129,10 +72,20 @@ class Listener:
 class Service:
     """Everything `mailintake serve` runs; tests run it in a thread with their own settings."""
 
-    def __init__(self, settings: Settings, pipeline: PipelineContext) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: PipelineContext,
+        workers: WorkerPool | None = None,
+    ) -> None:
+        """`pipeline` gives the sessions the ledger is written with; processing runs in
+        `workers` (processes that build their own pipeline) or, without them, in a thread with
+        `pipeline` (its router and templates)."""
         self.settings = settings
         self.pipeline = pipeline
-        self.worker = ProcessingWorker(pipeline)
+        self.worker: ProcessingWorker | WorkerPool = workers or ProcessingWorker(
+            pipeline, settings.processing.rescan_seconds
+        )
         self.door = Door(settings.smtp)
         self.listeners: list[Listener] = []
         self.tasks: list[tuple[str, BackgroundTask]] = []
@@ -174,6 +127,7 @@ class Service:
             await self._listen()
             self.worker.start()
             tasks = [asyncio.create_task(self._guard(n, t, stop), name=n) for n, t in self.tasks]
+            tasks.append(asyncio.create_task(self._supervise(stop), name="supervise"))
             if on_ready is not None:
                 on_ready()
             await stop.wait()
@@ -216,6 +170,13 @@ class Service:
                 f"in the config, or MAILINTAKE_{name.upper()}__PORT)"
             ) from exc
 
+    async def _supervise(self, stop: asyncio.Event) -> None:
+        """Restart worker processes that died, until `stop`."""
+        while not stop.is_set():
+            self.worker.supervise()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SUPERVISE_SECONDS)
+
     async def _guard(self, name: str, task: BackgroundTask, stop: asyncio.Event) -> None:
         """A background task that crashes is logged; it does not take the listeners down."""
         try:
@@ -232,7 +193,8 @@ class Service:
         if self._executor is not None:
             # In-flight commits finish; their clients either got their 250 or will retry.
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
-        if not self.worker.stop(grace):
+        stopped = await asyncio.get_running_loop().run_in_executor(None, self.worker.stop, grace)
+        if not stopped:
             log.warning("processing did not finish within %.0f s; it resumes on next start", grace)
         for listener in self.listeners:
             await listener.server.wait_closed()
