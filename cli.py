@@ -42,7 +42,7 @@ from rules.reload import RulesHolder, watch_rules
 from sources.files import STDIN, MessageSource
 from sources.imap import Hooks, folder_fetchers
 from sources.service import ListenerError, Service, serve_until_signalled
-from sources.workers import WorkerPool
+from sources.workers import WorkerPool, WorkerRules
 from storage import db, repo
 from storage.models import Fate, InboundMessage, Stage, utcnow
 from views.mail import explained, parsed_view, rules_summary
@@ -747,22 +747,6 @@ def serve(ctx: typer.Context) -> None:
             asyncio.run(serve_until_signalled(service))
         except ListenerError as exc:
             raise fail(str(exc), EXIT_USAGE) from exc
-
-
-class WorkerRules(RulesHolder):
-    """The parent's copy of the rules in process mode: it validates each change (and logs a
-    refused one once), then tells the workers to reload theirs."""
-
-    def __init__(self, holder: RulesHolder, workers: WorkerPool) -> None:
-        super().__init__(holder.path, holder.current())
-        self.workers = workers
-
-    def reload(self) -> bool:
-        changed = super().reload()
-        if self.last_error is None:
-            self.workers.rules_changed(self)
-            self.workers.reload()
-        return changed
 
 
 RulesFileOption = Annotated[

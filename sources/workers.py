@@ -218,12 +218,13 @@ def _rules_holder(spec: WorkerSpec) -> RulesHolder | None:
     if path is None:
         return None
     try:
-        return RulesHolder.load(path)
+        return RulesHolder.load(path, spec.settings.zone)
     except RulesError as exc:
         if spec.rules_fallback is None:
             raise
         log.error("rules file refused, %s starts with the last good rules:\n%s", spec.name, exc)
-        return RulesHolder(path, load_rules(spec.rules_fallback))
+        zone = spec.settings.zone
+        return RulesHolder(path, load_rules(spec.rules_fallback, zone), zone)
 
 
 def _listen(
@@ -392,3 +393,19 @@ def _exit_reason(code: int | None) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit code {code}"
+
+
+class WorkerRules(RulesHolder):
+    """The parent's copy of the rules in process mode: it validates each change (and logs a
+    refused one once), then tells the workers to reload theirs."""
+
+    def __init__(self, holder: RulesHolder, workers: WorkerPool) -> None:
+        super().__init__(holder.path, holder.current(), holder.zone)
+        self.workers = workers
+
+    def reload(self) -> bool:
+        changed = super().reload()
+        if self.last_error is None:
+            self.workers.rules_changed(self)
+            self.workers.reload()
+        return changed
