@@ -173,6 +173,23 @@ class SmtpSettings(ListenerSettings):
     auth_required: bool = False
     auth_require_tls: bool = True
     shutdown_grace_seconds: float = Field(default=30, ge=0)
+    # Per client address (as Postfix's anvil): concurrent connections, and connections admitted
+    # per minute (0: no rate limit). Addresses in client_limit_exceptions are exempt; by default
+    # loopback, where an MTA in front of us is the only client.
+    max_connections_per_client: int = Field(default=20, ge=1)
+    max_connections_per_client_per_minute: int = Field(default=120, ge=0)
+    client_limit_exceptions: list[IPvAnyNetwork] = Field(
+        default=["127.0.0.0/8", "::1/128"], validate_default=True
+    )
+    # Commands answered on one connection without a message being accepted; then 421 and close.
+    command_call_limit: int = Field(default=100, ge=1)
+    # The idle timeout once 3/4 of max_connections are in use (Postfix's stress timeout).
+    overload_timeout_seconds: float = Field(default=10, gt=0)
+    # Each failed AUTH is answered after this delay; after auth_max_failures: 421 and close.
+    auth_failure_delay_seconds: float = Field(default=1, ge=0)
+    auth_max_failures: int = Field(default=3, ge=1)
+    # DATA is answered 451 when the commit has not returned by then (it may still finish).
+    store_timeout_seconds: float = Field(default=30, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> SmtpSettings:
@@ -184,6 +201,11 @@ class SmtpSettings(ListenerSettings):
             raise ValueError("auth_required needs at least one entry in auth_users")
         if self.auth_users and self.auth_require_tls and self.tls_cert is None:
             raise ValueError("AUTH is offered only after STARTTLS: set tls_cert and tls_key")
+        if self.command_call_limit < self.max_recipients + 10:
+            raise ValueError(
+                "command_call_limit must be at least max_recipients + 10 "
+                "(one message's EHLO, STARTTLS, AUTH, MAIL, RCPTs and DATA)"
+            )
         return self
 
 
