@@ -303,7 +303,14 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_starttls_and_auth_are_recorded_in_the_envelope(serve, sessions, certificate):
     cert, key = certificate
     tls = {"tls_cert": str(cert), "tls_key": str(key)}
-    service = serve(smtp=tls | {"auth_users": {"faxgw": "s3cret"}, "auth_required": True})
+    service = serve(
+        smtp=tls
+        | {
+            "auth_users": {"faxgw": "s3cret"},
+            "auth_required": True,
+            "auth_failure_delay_seconds": 0,
+        }
+    )
     client = smtp_client(service.port())
     try:
         plain_auth_offered = "auth" in client.esmtp_features
