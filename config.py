@@ -42,6 +42,7 @@ from pydantic_settings import (
 )
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
+from sqlalchemy.engine import make_url
 
 
 def re2_options() -> re2.Options:
@@ -655,4 +656,28 @@ def load_settings(path: Path | None = None) -> Settings:
     chosen = config_path(path)
     explicit = path is not None or CONFIG_ENV_VAR in os.environ
     settings, _ = load_yaml_model(chosen, Settings, missing_ok=not explicit)
+    if chosen.exists():
+        anchor_paths(settings, chosen.resolve().parent)
     return settings
+
+
+def anchor_paths(settings: Settings, base: Path) -> None:
+    """Make the relative paths of `settings` (files, the SQLite database) relative to `base`,
+    the config file's folder, so every command reads the same files from any working directory
+    (an MTA's pipe, cron, systemd)."""
+
+    def at(value: Path | None) -> Path | None:
+        return value if value is None or value.is_absolute() else base / value
+
+    settings.templates.path = base / settings.templates.path  # an absolute path stays as it is
+    settings.rules.path = at(settings.rules.path)
+    settings.smtp.tls_cert = at(settings.smtp.tls_cert)
+    settings.smtp.tls_key = at(settings.smtp.tls_key)
+    for account in settings.imap.accounts:
+        account.ca_file, account.token_file = at(account.ca_file), at(account.token_file)
+    url = make_url(settings.database.url)
+    database = url.database or ""
+    in_a_file = database not in ("", ":memory:") and not database.startswith("file:")
+    if url.get_backend_name() == "sqlite" and in_a_file and not Path(database).is_absolute():
+        anchored = url.set(database=str(base / database))
+        settings.database.url = anchored.render_as_string(hide_password=False)

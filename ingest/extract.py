@@ -143,10 +143,11 @@ class TemplateFile(Model):
     templates: list[Template] = Field(default_factory=list)
 
 
-def load_templates(path: Path) -> list[Template]:
-    """Templates from a YAML file; a missing file means no templates, a bad one raises
-    ConfigError saying `file:line:column: dotted.key: problem` for each problem."""
-    if not path.exists():
+def load_templates(path: Path, *, required: bool = True) -> list[Template]:
+    """Templates from a YAML file. A bad file raises ConfigError saying `file:line:column:
+    dotted.key: problem` for each problem; so does a missing one, unless not `required` (the
+    default path, never configured), which means no templates."""
+    if not path.exists() and not required:
         log.warning("no templates file at %s: template fields will not be extracted", path)
         return []
     model, _ = load_yaml_model(path, TemplateFile)

@@ -11,6 +11,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from storage import repo
@@ -34,6 +35,14 @@ def current_actor() -> Actor:
         username = None
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "?"
     return Actor(socket.gethostname(), os.getpid(), username, command)
+
+
+def error_line(exc: BaseException) -> str:
+    """The exception type and message on one line, for logs; a database error gives its
+    driver's message, never its SQL or parameters (which may hold a whole mail)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return f"{type(exc).__name__}: {type(exc.orig).__name__}: {' '.join(str(exc.orig).split())}"
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def record_attempt(

@@ -42,5 +42,6 @@ class PipelineContext:
 
     def source_templates(self) -> list[Template]:
         if self.templates is None:
-            self.templates = load_templates(self.settings.templates.path)
+            chosen = self.settings.templates
+            self.templates = load_templates(chosen.path, required="path" in chosen.model_fields_set)
         return self.templates

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from sqlalchemy.exc import IntegrityError
 
 from ingest.mail import Envelope, IncomingMail
-from pipeline.attempts import record_attempt
+from pipeline.attempts import error_line, record_attempt
 from pipeline.context import PipelineContext
 from pipeline.leases import INTERRUPTED_LIMIT, lease_owner, take_lease
 from pipeline.retry import retry_at
@@ -112,12 +112,7 @@ def _record_failure(ctx: PipelineContext, mail: IncomingMail, exc: Exception) ->
         if retry:
             repo.schedule_retry(session, mail.inbound_id, retry)
     log.warning(
-        "message %s %s failed at %s: %s: %s",
-        mail.inbound_id,
-        _mid(mail),
-        stage,
-        type(exc).__name__,
-        exc,
+        "message %s %s failed at %s: %s", mail.inbound_id, _mid(mail), stage, error_line(exc)
     )
     return Fate.FAILED
 

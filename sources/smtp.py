@@ -48,6 +48,7 @@ from aiosmtpd.smtp import Session as SmtpSession
 from config import SmtpSettings
 from ingest.headers import message_id_as_written
 from ingest.mail import Envelope
+from pipeline.attempts import error_line
 
 log = logging.getLogger(__name__)
 
@@ -618,7 +619,7 @@ class IntakeHandler:
             inbound_id: int | None = await self._store_in_time(raw, ledger_envelope, what)
         except Exception as exc:
             inbound_id = None
-            log.error("%s: not stored, answered 451: %s: %s", what, type(exc).__name__, exc)
+            log.error("%s: not stored, answered 451: %s", what, error_line(exc))
         else:
             ms = (time.monotonic() - started) * 1000
             log.info("%s: stored as ledger id %d in %.0f ms", what, inbound_id, ms)

@@ -98,16 +98,19 @@ def failed_view(message: InboundMessage, raw_head: bytes) -> dict[str, Any]:
     }
 
 
-SQLALCHEMY_FOOTER = "(Background on this error at:"  # SQLAlchemy's last line: a link, no news
+# What SQLAlchemy adds below a database error's message: the statement, the (hidden)
+# parameters and a link. The driver's message is the line before them.
+SQLALCHEMY_ADDENDA = ("(Background on this error at:", "[SQL: ", "[SQL parameters", "[parameters")
 
 
 def short_error(error: str | None) -> str | None:
-    """The last line of a traceback: the exception type and message."""
+    """The exception type and message from a stored traceback (a database error's driver
+    message, not its SQL)."""
     if not error:
         return error
     lines = [
         line
         for line in error.strip().splitlines()
-        if line.strip() and not line.startswith(SQLALCHEMY_FOOTER)
+        if line.strip() and not line.startswith(SQLALCHEMY_ADDENDA)
     ]
     return lines[-1].strip() if lines else None
