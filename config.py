@@ -669,7 +669,10 @@ def anchor_paths(settings: Settings, base: Path) -> None:
     def at(value: Path | None) -> Path | None:
         return value if value is None or value.is_absolute() else base / value
 
+    configured = "path" in settings.templates.model_fields_set
     settings.templates.path = base / settings.templates.path  # an absolute path stays as it is
+    if not configured:  # still the default: a missing file means no templates, not an error
+        settings.templates.model_fields_set.discard("path")
     settings.rules.path = at(settings.rules.path)
     settings.smtp.tls_cert = at(settings.smtp.tls_cert)
     settings.smtp.tls_key = at(settings.smtp.tls_key)

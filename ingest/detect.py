@@ -31,6 +31,17 @@ BOUNCE_TEXT = compile_regex(
     r"(?i)(mailer-daemon|mail delivery subsystem|final-recipient|diagnostic-code|"
     r"could not be delivered|permanent fatal errors|undeliverable|delivery.*failed)",
 )
+# Subjects of out-of-office and other automatic replies, Japanese mailers' and Outlook's:
+# "【不在通知】Re: ...", "[自動返信] ...", "自動応答: ...", "Automatic reply: ...". Only as a
+# marker at the start, so a customer's "休暇中の配送について" stays a customer's mail.
+AUTO_REPLY_WORDS = (
+    r"不在(?:通知|のお知らせ|連絡)?|自動(?:返信|応答)(?:メール)?|休暇(?:中|のお知らせ)?|"
+    r"out of (?:the )?office|automatic reply|auto[- ]?reply|autoreply"
+)
+AUTO_REPLY_SUBJECT = compile_regex(
+    r"(?i)^\s*(?:[【\[［(（]\s*(?:" + AUTO_REPLY_WORDS + r")\s*[】\]］)）]"
+    r"|(?:" + AUTO_REPLY_WORDS + r")\s*[:：])"
+)
 AUTOMATED_SENDER = compile_regex(r"(?i)^(no-?reply|do-?not-?reply)@")
 REPORT_TYPES = ("multipart/report", "message/delivery-status", "message/disposition-notification")
 # Japanese mailing-list servers (fml, mailman-jp) mark their mails with these.
@@ -83,6 +94,8 @@ def _auto_reply_header(parsed: ParsedMail) -> str | None:
     for name in ("X-Autoreply", "X-Autorespond", "X-Autoresponder", "X-Loop"):
         if parsed.header(name) is not None:
             return f"{name} header"
+    if AUTO_REPLY_SUBJECT.search(parsed.subject):
+        return f"auto-reply subject {parsed.subject[:80]!r}"
     precedence = (parsed.header("Precedence") or "").strip().lower()
     if precedence in AUTO_REPLY_PRECEDENCE:
         return f"Precedence: {precedence}"

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, defer
 
 from storage.models import (
     PROCESSABLE,
+    SETTLED,
     WITH_RECORD,
     AssignmentCursor,
     Attachment,
@@ -146,14 +147,14 @@ def pending_ids(session: Session, limit: int | None = None) -> Sequence[int]:
 def first_record_of(
     session: Session, dedupe_key: str, before_id: int
 ) -> Row[int, int | None] | None:
-    """The `id` and `ticket_id` of an earlier delivery of the same message that already made a
-    ticket or comment."""
+    """The `id` and `ticket_id` (None for a drop) of an earlier delivery of the same message
+    that was settled: it made a ticket or a comment, or was dropped."""
     query = (
         select(InboundMessage.id, InboundMessage.ticket_id)
         .where(
             InboundMessage.dedupe_key == dedupe_key,
             InboundMessage.id != before_id,
-            InboundMessage.status.in_(WITH_RECORD),
+            InboundMessage.status.in_(SETTLED),
         )
         .order_by(InboundMessage.id)
         .limit(1)

@@ -178,3 +178,27 @@ def test_bounce_patterns_are_linear_on_hostile_text():
 
     assert BOUNCE_TEXT.search("delivery " * 10_000) is None
     assert BOUNCE_TEXT.search("Delivery to the following recipient FAILED") is not None
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "【不在通知】Re: 見積のご依頼",
+        "[自動返信] お問い合わせありがとうございます",
+        "自動応答: 在庫の問い合わせ",
+        "【休暇のお知らせ】12/28～1/4",
+        "Automatic reply: order 1234",
+        "Out of Office: Re: invoice",
+    ],
+)
+def test_japanese_and_outlook_auto_reply_subjects_are_auto_replies(subject):
+    parsed = parse(simple_mail(subject=subject))
+    assert auto_reply_reason(parsed, "someone@example.com") is not None
+
+
+@pytest.mark.parametrize(
+    "subject", ["休暇中の配送について", "不在時の受け取り方法", "Re: 自動返信の設定"]
+)
+def test_a_customer_subject_that_only_mentions_absence_is_not_an_auto_reply(subject):
+    parsed = parse(simple_mail(subject=subject))
+    assert auto_reply_reason(parsed, "someone@example.com") is None

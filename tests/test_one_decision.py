@@ -114,3 +114,14 @@ def test_the_stage_table_is_the_stage_enum_in_order():
     from pipeline.stages import STAGES
 
     assert tuple(s for s in Stage if s not in (Stage.FETCH, Stage.INTERRUPTED)) == STAGES
+
+
+def test_a_redelivered_dropped_mail_is_a_duplicate(tmp_path, settings, sessions):
+    pipeline = routed(tmp_path, settings, sessions)
+    raw = simple_mail(headers={"Auto-Submitted": "auto-replied"})
+    first, fate = deliver(pipeline, raw)
+    assert fate == Fate.DROPPED
+    again, fate = deliver(pipeline, raw)
+    assert fate == Fate.DUPLICATE
+    with sessions() as session:
+        assert session.get_one(InboundMessage, again).duplicate_of_id == first
