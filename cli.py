@@ -44,7 +44,7 @@ from sources.imap import Hooks, folder_fetchers
 from sources.service import ListenerError, Service, serve_until_signalled
 from sources.workers import WorkerPool, WorkerRules
 from storage import db, repo
-from storage.models import Fate, InboundMessage, Stage, utcnow
+from storage.models import Fate, InboundMessage, Source, Stage, utcnow
 from views.mail import explained, parsed_view, rules_summary
 from views.records import failed_view, history_of, message_view, ticket_view
 
@@ -76,6 +76,7 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+LimitOption = Annotated[int, typer.Option(min=1, help="At most this many, newest first.")]
 
 
 @dataclass
@@ -413,7 +414,7 @@ def parse_file(
         pipeline.source_templates()
     except ConfigError as exc:
         raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
-    mail = unstored_mail(raw, Envelope(source="file", extra={"origin": str(path)}), utcnow())
+    mail = unstored_mail(raw, Envelope(source=Source.FILE, extra={"origin": str(path)}), utcnow())
     try:
         examine(mail, pipeline)
     except (UnreadableMail, MessageTooLarge) as exc:
@@ -439,7 +440,7 @@ def parse_file(
 @tickets_app.command("list")
 def tickets_list(
     ctx: typer.Context,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    limit: LimitOption = 50,
     status: Annotated[str | None, typer.Option(help="Only tickets in this status.")] = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -487,14 +488,11 @@ def tickets_show(
 @messages_app.command("list")
 def messages_list(
     ctx: typer.Context,
-    status: Annotated[
-        str | None,
-        typer.Option(help="received, ticket, comment, duplicate, dropped, failed or discarded."),
-    ] = None,
+    status: Annotated[Fate | None, typer.Option(help="Only messages with this fate.")] = None,
     since: Annotated[
         str | None, typer.Option(help="Received within e.g. 2h, 2d, or since an ISO date.")
     ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    limit: LimitOption = 50,
     json_output: JsonOption = False,
 ) -> None:
     """List received messages and their fate, newest first."""
@@ -536,9 +534,7 @@ StageOption = Annotated[Stage | None, typer.Option(help="Failed at this stage.")
 ErrorOption = Annotated[
     str | None, typer.Option(help="The error text contains this (case-insensitive).")
 ]
-SourceOption = Annotated[
-    str | None, typer.Option(help="Arrived by smtp, lmtp, imap, file or stdin.")
-]
+SourceOption = Annotated[Source | None, typer.Option(help="Arrived this way.")]
 HEADER_BYTES = 64 * 1024  # `failed list` reads only this much of each message for its headers
 
 
@@ -566,7 +562,7 @@ def failed_list(
     stage: StageOption = None,
     error: ErrorOption = None,
     source: SourceOption = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+    limit: LimitOption = 100,
     json_output: JsonOption = False,
 ) -> None:
     """List failed messages, newest first."""
@@ -762,13 +758,18 @@ def configured_rules_path(ctx: typer.Context, given: Path | None) -> Path:
     return path
 
 
-def load_rules_or_exit(ctx: typer.Context, path: Path, code: int = EXIT_FAILED) -> CompiledRules:
-    """The compiled rules, or every problem on stderr and exit `code`."""
+def load_rules_or_exit(
+    ctx: typer.Context, path: Path, code: int = EXIT_FAILED, *, json_output: bool = False
+) -> CompiledRules:
+    """The compiled rules, or every problem (on stderr, or as JSON on stdout) and exit `code`."""
     try:
         return load_rules(path, settings_of(ctx).zone)
     except RulesError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]error:[/red] {problem}", highlight=False)
+        problems = [str(problem) for problem in exc.problems]
+        if json_output:
+            print_json({"path": str(path), "ok": False, "errors": problems})
+        for problem in problems:
+            err.print(f"[red]error:[/red] {escape(problem)}", highlight=False)
         raise typer.Exit(code) from exc
 
 
@@ -781,8 +782,8 @@ def rules_check(
     json_output: JsonOption = False,
 ) -> None:
     """Validate a rules file and summarise it. Exits 1 if it has errors (warnings do not)."""
-    rules = load_rules_or_exit(ctx, configured_rules_path(ctx, path))
-    summary = rules_summary(rules)
+    rules = load_rules_or_exit(ctx, configured_rules_path(ctx, path), json_output=json_output)
+    summary = {"ok": True, **rules_summary(rules)}
     if json_output:
         print_json(summary)
         return
@@ -835,7 +836,9 @@ def rules_test(
                 raw = path.read_bytes()
             except OSError as exc:
                 raise fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_USAGE) from exc
-            mail = unstored_mail(raw, Envelope(source="file", extra={"origin": str(path)}), moment)
+            mail = unstored_mail(
+                raw, Envelope(source=Source.FILE, extra={"origin": str(path)}), moment
+            )
             evaluation = router.route(mail)
             results.append(explained(path, mail, evaluation))
     if json_output:

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.models import Source
+
 STDIN = "-"
 
 
@@ -18,7 +20,7 @@ STDIN = "-"
 class FileMessage:
     raw: bytes
     origin: str  # where it came from, for logs and the envelope: path, path#key, or stdin
-    source: str  # "file" or "stdin"
+    source: Source
 
 
 def is_maildir(path: Path) -> bool:
@@ -61,13 +63,15 @@ class MessageSource:
 
     def __iter__(self) -> Iterator[FileMessage]:
         if self.spec == STDIN:
-            yield FileMessage(sys.stdin.buffer.read(), "stdin", "stdin")
+            yield FileMessage(sys.stdin.buffer.read(), "stdin", Source.STDIN)
         elif self._mailbox is not None:
             try:
                 for key in self._mailbox.iterkeys():
-                    yield FileMessage(self._mailbox.get_bytes(key), f"{self.spec}#{key}", "file")
+                    yield FileMessage(
+                        self._mailbox.get_bytes(key), f"{self.spec}#{key}", Source.FILE
+                    )
             finally:
                 self._mailbox.close()
         else:
             for path in self._files:
-                yield FileMessage(path.read_bytes(), str(path), "file")
+                yield FileMessage(path.read_bytes(), str(path), Source.FILE)

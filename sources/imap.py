@@ -43,10 +43,10 @@ from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.retry import backoff_delay
 from storage import repo
+from storage.models import Source
 
 log = logging.getLogger(__name__)
 
-SOURCE = "imap"
 STOP_CHECK_SECONDS = 0.5  # how soon a waiting fetcher notices that it should stop
 # Half of each reconnect wait is random, so fetchers that failed together do not retry in step.
 RECONNECT_JITTER = 0.5
@@ -510,7 +510,7 @@ class FolderFetcher:
         }
 
     def _receive(self, uid: int, raw: bytes) -> None:
-        envelope = Envelope(source=SOURCE, peer=self.server, extra=self._envelope(uid))
+        envelope = Envelope(source=Source.IMAP, peer=self.server, extra=self._envelope(uid))
         inbound_id = receive(self.sessions, raw, envelope)
         try:
             self.hooks.received(inbound_id)
@@ -525,7 +525,7 @@ class FolderFetcher:
         with self.sessions.begin() as session:
             inbound_id = repo.add_unfetched(
                 session,
-                source=SOURCE,
+                source=Source.IMAP,
                 size=int(meta.get(b"RFC822.SIZE") or 0),
                 message_id=first_message_id(header),
                 dedupe_key=key,

@@ -49,6 +49,7 @@ from config import SmtpSettings
 from ingest.headers import message_id_as_written
 from ingest.mail import Envelope
 from pipeline.attempts import error_line
+from storage.models import Source
 
 log = logging.getLogger(__name__)
 
@@ -709,7 +710,7 @@ def make_envelope(
         ),
     }
     return Envelope(
-        source="lmtp" if isinstance(server, IntakeLMTP) else "smtp",
+        source=Source.LMTP if isinstance(server, IntakeLMTP) else Source.SMTP,
         mail_from="" if envelope.mail_from == "<>" else envelope.mail_from,
         rcpt_to=tuple(envelope.rcpt_tos),
         peer=ip,

@@ -86,6 +86,16 @@ WITH_RECORD = (Fate.TICKET, Fate.COMMENT)  # the fates that wrote a ticket or a 
 SETTLED = (*WITH_RECORD, Fate.DROPPED)  # a later delivery of such a message is a duplicate
 
 
+class Source(enum.StrEnum):
+    """How a message reached us (the ledger's `source`)."""
+
+    SMTP = "smtp"
+    LMTP = "lmtp"
+    IMAP = "imap"
+    FILE = "file"
+    STDIN = "stdin"
+
+
 class Stage(enum.StrEnum):
     """Where a message is on its way, and so where a failure happened (`fail_stage`).
 
