@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
 import holidays
 
 from rules.schema import WEEKDAYS, BusinessHours, parse_due
+
+MAX_DAYS_AHEAD = 3660  # a calendar with no business day at all must not loop forever
 
 
 class Calendar:
@@ -62,8 +64,36 @@ class Calendar:
         return day
 
     def due(self, due_in: str, received_at: datetime) -> datetime:
-        minutes, at = parse_due(due_in)
-        if at is None:
-            return self.local(received_at).astimezone(UTC) + timedelta(minutes=minutes)
-        day = self.next_business_day(self.local(received_at).date())
+        """When a mail received at `received_at` is due, by the rule's `due_in`."""
+        due = parse_due(due_in)
+        if due.at is not None:
+            return self.next_business_time(received_at, due.at)
+        if due.business:
+            return self.after_business_minutes(received_at, due.minutes)
+        return self.local(received_at).astimezone(UTC) + timedelta(minutes=due.minutes)
+
+    def next_business_time(self, after: datetime, at: time) -> datetime:
+        """The first business day's `at` still ahead of `after`: today's if today is a business
+        day and `at` has not passed, else the next business day's."""
+        local = self.local(after)
+        day = local.date()
+        if self.closed_day(day) or local.time() >= at:
+            day = self.next_business_day(day)
         return datetime.combine(day, at, tzinfo=self.zone).astimezone(UTC)
+
+    def after_business_minutes(self, start: datetime, minutes: int) -> datetime:
+        """`start` plus `minutes` counted only inside business hours (a Friday 17:50 mail due
+        in 4 business hours, with 09:00-18:00, is due Monday 12:50)."""
+        left = timedelta(minutes=minutes)
+        moment = self.local(start)
+        for _ in range(MAX_DAYS_AHEAD):
+            day = moment.date()
+            opens = datetime.combine(day, self.open, tzinfo=self.zone)
+            closes = datetime.combine(day, self.close, tzinfo=self.zone)
+            begin = max(moment, opens)
+            if not self.closed_day(day) and begin < closes:
+                if left <= closes - begin:
+                    return (begin + left).astimezone(UTC)
+                left -= closes - begin
+            moment = datetime.combine(day + timedelta(days=1), time(0), tzinfo=self.zone)
+        raise ValueError(f"no business hours within {MAX_DAYS_AHEAD} days: check business_hours")

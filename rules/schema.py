@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from datetime import date, time
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
 from pydantic import (
@@ -31,6 +31,7 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 KEBAB_CASE = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 DURATION = re.compile(r"^(?:(?P<d>\d+)d)?\s*(?:(?P<h>\d+)h)?\s*(?:(?P<m>\d+)m)?$")
 NEXT_BUSINESS_DAY = re.compile(r"^next_business_day\s+(?P<hh>[01]?\d|2[0-3]):(?P<mm>[0-5]\d)$")
+BUSINESS_TIME = re.compile(r"^(?P<n>\d+)\s*business\s+(?P<unit>hours?|minutes?)$")
 
 Strategy = Literal["fixed", "round_robin", "least_open"]
 Verdict = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
@@ -360,16 +361,30 @@ class RulesFile(Strict):
         return self
 
 
-def parse_due(text: str) -> tuple[int, time | None]:
-    """`4h`, `1d 2h`, `90m` -> (minutes, None); `next_business_day 10:00` -> (0, 10:00)."""
+class Due(NamedTuple):
+    """A parsed `due_in`: a duration in clock or business minutes, or a time of day."""
+
+    minutes: int
+    at: time | None = None  # `next_business_day HH:MM`
+    business: bool = False  # minutes counted inside business hours only
+
+
+def parse_due(text: str) -> Due:
+    """`4h`, `1d 2h`, `90m`: clock time; `4 business hours`, `90 business minutes`: counted in
+    business hours only; `next_business_day 10:00`: the next business-day 10:00 still ahead."""
     text = text.strip()
     nbd = NEXT_BUSINESS_DAY.match(text)
     if nbd:
-        return 0, time(int(nbd["hh"]), int(nbd["mm"]))
+        return Due(0, at=time(int(nbd["hh"]), int(nbd["mm"])))
+    business = BUSINESS_TIME.match(text)
+    if business:
+        per_unit = 60 if business["unit"].startswith("hour") else 1
+        return Due(int(business["n"]) * per_unit, business=True)
     duration = DURATION.match(text)
     if text and duration:
         days, hours, minutes = (int(duration[k] or 0) for k in "dhm")
-        return (days * 24 + hours) * 60 + minutes, None
+        return Due((days * 24 + hours) * 60 + minutes)
     raise ValueError(
-        f"`{text}` is not a due time: write e.g. `4h`, `1d`, `30m` or `next_business_day 10:00`"
+        f"`{text}` is not a due time: write e.g. `4h`, `1d`, `30m`, `4 business hours` or "
+        "`next_business_day 10:00`"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -94,3 +95,25 @@ def test_an_empty_week_is_refused(tmp_path):
     path.write_text("business_hours:\n  weekdays: []\n", encoding="utf-8")
     with pytest.raises(RulesError, match=r":2:3: business_hours.weekdays: "):
         load_rules(path)
+
+
+def jst(*args: int) -> datetime:
+    return datetime(*args, tzinfo=ZoneInfo("Asia/Tokyo"))
+
+
+def test_next_business_day_time_is_today_when_it_is_still_ahead(shipped):
+    """07:30 on a business day with `next_business_day 10:00` is due 10:00 the same day."""
+    tuesday_0730 = jst(2026, 11, 24, 7, 30)
+    assert shipped.due("next_business_day 10:00", tuesday_0730) == jst(2026, 11, 24, 10)
+    tuesday_1030 = jst(2026, 11, 24, 10, 30)
+    assert shipped.due("next_business_day 10:00", tuesday_1030) == jst(2026, 11, 25, 10)
+
+
+def test_business_hours_durations_skip_nights_weekends_and_holidays(shipped):
+    friday_1750 = jst(2026, 11, 20, 17, 50)
+    assert shipped.due("4h", friday_1750) == jst(2026, 11, 20, 21, 50)
+    # 10 minutes on Friday, Monday 23 Nov is 勤労感謝の日: 3 h 50 min on Tuesday.
+    assert shipped.due("4 business hours", friday_1750) == jst(2026, 11, 24, 12, 50)
+    assert shipped.due("90 business minutes", jst(2026, 11, 24, 8)) == jst(
+        2026, 11, 24, 10, 30
+    )

@@ -157,7 +157,7 @@ def test_bad_values_in_plain_words(tmp_path):
         "8:12: rules.0.when.source_kind: rule `a`: unknown source kind `facs` — did you mean "
         "`fax`?; known: phone, fax, webform, email",
         "9:12: rules.0.then.due_in: rule `a`: `tomorrow` is not a due time: write e.g. `4h`, "
-        "`1d`, `30m` or `next_business_day 10:00`",
+        "`1d`, `30m`, `4 business hours` or `next_business_day 10:00`",
         "9:54: rules.0.then.assignee.strategy: rule `a`: `random` is not allowed here: write "
         "'fixed', 'round_robin' or 'least_open'",
     ]
