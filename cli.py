@@ -46,7 +46,7 @@ from sources.workers import WorkerPool, WorkerRules
 from storage import db, repo
 from storage.models import Fate, InboundMessage, Source, Stage, utcnow
 from views.mail import explained, parsed_view, rules_summary
-from views.records import failed_view, history_of, message_view, ticket_view
+from views.records import attachment_view, failed_view, history_of, message_view, ticket_view
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -69,8 +69,12 @@ failed_app = typer.Typer(
     help="See, export, replay or discard messages that failed.", no_args_is_help=True
 )
 app.add_typer(failed_app, name="failed")
+attachments_app = typer.Typer(
+    help="List a ticket's attachments (a FAX's PDF) and save them.", no_args_is_help=True
+)
 rules_app = typer.Typer(help="Check, try out and compare routing rules.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
+app.add_typer(attachments_app, name="attachments")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -469,8 +473,7 @@ def tickets_show(
                 for c in ticket.comments
             ],
             "attachments": [
-                {"filename": a.filename, "content_type": a.content_type, "size": a.size}
-                for a in repo.attachments_of_ticket(session, ticket.id)
+                attachment_view(a) for a in repo.attachments_of_ticket(session, ticket.id)
             ],
         }
     if json_output:
@@ -479,10 +482,57 @@ def tickets_show(
     print_fields(view, (n for n in view if n not in ("body", "comments", "attachments")))
     out.print(f"\n{view['body']}\n", highlight=False, markup=False)
     for attachment in view["attachments"]:
-        out.print(f"attachment: {attachment['filename']} ({attachment['size']} bytes)")
+        out.print(
+            f"attachment {attachment['id']}: {attachment['filename']} ({attachment['size']} bytes)",
+            highlight=False,
+            markup=False,
+        )
     for comment in view["comments"]:
         out.print(f"--- comment from {comment['author_email']} at {comment['created_at']}")
         out.print(comment["body"], highlight=False, markup=False)
+
+
+@attachments_app.command("list")
+def attachments_list(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Ticket key, e.g. INQ-42.")],
+    json_output: JsonOption = False,
+) -> None:
+    """List the attachments of a ticket and of its comments, with the ids `save` takes."""
+    with runtime(ctx) as rt, rt.sessions() as session:
+        ticket = repo.ticket_by_key(session, key)
+        if ticket is None:
+            raise fail(f"no ticket {key}", EXIT_FAILED)
+        rows = [attachment_view(a) for a in repo.attachments_of_ticket(session, ticket.id)]
+    print_rows(
+        f"attachments of {key}", ["id", "filename", "content_type", "size"], rows, json_output
+    )
+
+
+@attachments_app.command("save")
+def attachments_save(
+    ctx: typer.Context,
+    attachment_id: Annotated[int, typer.Argument(help="Attachment id, from `attachments list`.")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write here; - for stdout (default: its file name)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Save an attachment's exact bytes to a file."""
+    with runtime(ctx) as rt, rt.sessions() as session:
+        found = repo.attachment_content(session, attachment_id)
+    if found is None:
+        raise fail(f"no attachment {attachment_id}", EXIT_FAILED)
+    attachment, content = found
+    if output == Path("-"):
+        sys.stdout.buffer.write(content)
+        return
+    target = output or Path(attachment.filename)  # sanitised when stored: a plain file name
+    if target.exists() and not force:
+        raise fail(f"{target} exists: give --force to overwrite it", EXIT_USAGE)
+    target.write_bytes(content)
+    err.print(f"saved {target} ({len(content)} bytes)", highlight=False, markup=False)
 
 
 @messages_app.command("list")

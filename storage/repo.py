@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Row, Update, func, select, update
+from sqlalchemy import CursorResult, Row, Update, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
@@ -26,6 +26,7 @@ from storage.models import (
     ProcessingAttempt,
     Stage,
     Ticket,
+    TicketComment,
     utcnow,
 )
 
@@ -269,8 +270,25 @@ def count_by_status(session: Session) -> dict[str, int]:
 
 
 def attachments_of_ticket(session: Session, ticket_id: int) -> Sequence[Attachment]:
-    query = select(Attachment).where(Attachment.ticket_id == ticket_id).order_by(Attachment.id)
+    """The attachments of a ticket and of its comments, in the order they arrived."""
+    query = (
+        select(Attachment)
+        .outerjoin(TicketComment, Attachment.comment_id == TicketComment.id)
+        .where(or_(Attachment.ticket_id == ticket_id, TicketComment.ticket_id == ticket_id))
+        .order_by(Attachment.id)
+    )
     return session.scalars(query).all()
+
+
+def attachment_content(session: Session, attachment_id: int) -> tuple[Attachment, bytes] | None:
+    """An attachment and its content, or None if there is no such attachment."""
+    query = (
+        select(Attachment, AttachmentBlob.content)
+        .join(AttachmentBlob, AttachmentBlob.sha256 == Attachment.sha256)
+        .where(Attachment.id == attachment_id)
+    )
+    row = session.execute(query).first()
+    return (row[0], bytes(row[1])) if row else None
 
 
 # --- failed messages: history, selection for replay, automatic retry, discard ---------------

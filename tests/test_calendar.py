@@ -97,8 +97,8 @@ def test_an_empty_week_is_refused(tmp_path):
         load_rules(path)
 
 
-def jst(*args: int) -> datetime:
-    return datetime(*args, tzinfo=ZoneInfo("Asia/Tokyo"))
+def jst(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=ZoneInfo("Asia/Tokyo"))
 
 
 def test_next_business_day_time_is_today_when_it_is_still_ahead(shipped):
@@ -114,6 +114,4 @@ def test_business_hours_durations_skip_nights_weekends_and_holidays(shipped):
     assert shipped.due("4h", friday_1750) == jst(2026, 11, 20, 21, 50)
     # 10 minutes on Friday, Monday 23 Nov is 勤労感謝の日: 3 h 50 min on Tuesday.
     assert shipped.due("4 business hours", friday_1750) == jst(2026, 11, 24, 12, 50)
-    assert shipped.due("90 business minutes", jst(2026, 11, 24, 8)) == jst(
-        2026, 11, 24, 10, 30
-    )
+    assert shipped.due("90 business minutes", jst(2026, 11, 24, 8)) == jst(2026, 11, 24, 10, 30)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from ingest.headers import decoded_headers, first_header
 from storage import repo
-from storage.models import InboundMessage, ProcessingAttempt, Ticket
+from storage.models import Attachment, InboundMessage, ProcessingAttempt, Ticket
 
 
 def ticket_view(ticket: Ticket) -> dict[str, Any]:
@@ -34,6 +34,19 @@ def ticket_view(ticket: Ticket) -> dict[str, Any]:
         "rule_names": ticket.rule_names,
         "rules_version": ticket.rules_version,
         "inbound_message_id": ticket.inbound_message_id,
+    }
+
+
+def attachment_view(attachment: Attachment) -> dict[str, Any]:
+    return {
+        "id": attachment.id,
+        "filename": attachment.filename,
+        "original_filename": attachment.original_filename,
+        "content_type": attachment.content_type,
+        "size": attachment.size,
+        "sha256": attachment.sha256,
+        "inline": attachment.inline,
+        "comment_id": attachment.comment_id,
     }
 
 
