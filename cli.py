@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -40,7 +42,7 @@ from rules.engine import CompiledRules, RulesRouter
 from rules.load import RulesError, load_rules
 from rules.reload import RulesHolder, watch_rules
 from sources.files import STDIN, MessageSource
-from sources.imap import Hooks, folder_fetchers
+from sources.imap import Hooks, folder_fetchers, start_fetchers
 from sources.service import ListenerError, Service, serve_until_signalled
 from sources.workers import WorkerPool, WorkerRules
 from storage import db, repo
@@ -76,6 +78,7 @@ rules_app = typer.Typer(help="Check, try out and compare routing rules.", no_arg
 app.add_typer(rules_app, name="rules")
 app.add_typer(attachments_app, name="attachments")
 
+log = logging.getLogger("mailintake")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
@@ -356,19 +359,20 @@ def fetch(
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Fetch mail from the configured IMAP accounts into tickets, then exit.
+    """Fetch mail from the configured IMAP accounts into tickets: until SIGTERM/SIGINT (with IDLE
+    or polling, as `serve` does), or with --once what is waiting now, then exit.
 
-    Exits 1 if a message failed or a folder could not be fetched. (`mailintake serve` fetches
-    continuously.)
+    With --once, exits 1 if a message failed or a folder could not be fetched.
     """
-    if not once:
-        raise fail("fetch needs --once; `mailintake serve` fetches continuously", EXIT_USAGE)
     names = [a.name for a in settings_of(ctx).imap.accounts]
     if not names:
         raise fail("no IMAP accounts configured (imap.accounts in the config)", EXIT_USAGE)
     if account is not None and account not in names:
         known = ", ".join(names)
         raise fail(f"no IMAP account {account} in the config (have: {known})", EXIT_USAGE)
+    if not once:
+        fetch_until_signalled(ctx, account)
+        return
     fates: Counter[str] = Counter()
     errors: list[str] = []
     with runtime(ctx) as rt, progress_bar("fetching") as bar:
@@ -398,6 +402,26 @@ def fetch(
     print_fates(fates, json_output, errors=errors)
     if errors or fates.get(Fate.FAILED.value):
         raise typer.Exit(EXIT_FAILED)
+
+
+def fetch_until_signalled(ctx: typer.Context, account: str | None) -> None:
+    """The fetchers of `serve` without its listeners: each message is processed as it is
+    committed, in its fetcher's thread; SIGTERM/SIGINT stop them after the message in hand."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with runtime(ctx) as rt:
+        pipeline = rt.pipeline()
+        process_pending(pipeline)
+
+        def received(inbound_id: int) -> None:
+            process(pipeline, inbound_id)
+
+        threads = start_fetchers(rt.settings, rt.sessions, received, stop, account)
+        stop.wait()
+        log.info("stopping the fetchers")
+        for thread in threads:
+            thread.join(rt.settings.imap.timeout_seconds)
 
 
 @app.command("parse")

@@ -647,6 +647,7 @@ def start_fetchers(
     sessions: sessionmaker[Session],
     on_received: ReceivedHook,
     stop: threading.Event,
+    account: str | None = None,
 ) -> list[threading.Thread]:
     """Start one daemon thread per account and folder; they end soon after `stop` is set.
 
@@ -654,7 +655,7 @@ def start_fetchers(
     message is acknowledged in the mailbox.
     """
     threads = []
-    for fetcher in folder_fetchers(settings, sessions, Hooks(on_received)):
+    for fetcher in folder_fetchers(settings, sessions, Hooks(on_received), account):
         thread = threading.Thread(
             target=fetcher.run, args=(stop,), name=f"imap {fetcher.label}", daemon=True
         )

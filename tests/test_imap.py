@@ -613,3 +613,38 @@ def test_tests_leave_no_dovecot_running(dovecot: Dovecot) -> None:
     assert not Path(dovecot.root).exists()
     with pytest.raises(ProcessLookupError):
         os.killpg(group, 0)
+
+
+def test_fetch_without_once_runs_until_sigterm(db_url, dovecot, mailbox, sessions, tmp_path):
+    """`mailintake fetch` keeps fetching (IDLE) until stopped, as cron-less installs want."""
+    import signal
+    import subprocess
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+database: {{url: "{db_url}"}}
+imap:
+  accounts:
+    - {{name: inquiry, host: 127.0.0.1, port: {dovecot.port}, security: none,
+        username: {USER}, password_env: MAILINTAKE_TEST_IMAP_PASSWORD, folders: [INBOX]}}
+""",
+        encoding="utf-8",
+    )
+    mailbox.fill(mails(2))
+    env = os.environ | {"MAILINTAKE_TEST_IMAP_PASSWORD": PASSWORD}
+    mailintake = str(Path(sys.executable).parent / "mailintake")
+    child = subprocess.Popen(
+        [mailintake, "--config", str(config), "fetch"], env=env, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: ticket_count(sessions) == 2, "the waiting mail as tickets", 60)
+        mailbox.fill(mails(1, "新着"))
+        wait_for(lambda: ticket_count(sessions) == 3, "a new mail seen while running", 60)
+        assert child.poll() is None
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
