@@ -168,11 +168,17 @@ def settings_of(ctx: typer.Context) -> Settings:
 
 
 @contextmanager
-def runtime(ctx: typer.Context, *, migrate: bool = True) -> Iterator[Runtime]:
-    """Engine and sessions for one command; database problems become exit code 3."""
+def runtime(
+    ctx: typer.Context, *, migrate: bool = True, read_only: bool = False
+) -> Iterator[Runtime]:
+    """Engine and sessions for one command; database problems become exit code 3. A
+    `read_only` command (a dry run) creates no SQLite file: without one it reads an empty store."""
     settings = settings_of(ctx)
+    url = settings.database.url
+    if read_only and db.missing_sqlite_file(url):
+        url = "sqlite://"
     engine = db.make_engine(
-        settings.database.url,
+        url,
         busy_timeout_ms=settings.database.busy_timeout_ms,
         echo=settings.database.echo,
     )
@@ -571,7 +577,7 @@ def messages_list(
 ) -> None:
     """List received messages and their fate, newest first."""
     try:
-        start = parse_since(since) if since else None
+        start = parse_since(since, settings_of(ctx).zone) if since else None
     except ValueError as exc:
         raise fail(str(exc), EXIT_USAGE) from exc
     with runtime(ctx) as rt, rt.sessions() as session:
@@ -613,10 +619,14 @@ HEADER_BYTES = 64 * 1024  # `failed list` reads only this much of each message f
 
 
 def failed_filter(
-    since: str | None, stage: str | None, error: str | None, source: str | None
+    ctx: typer.Context,
+    since: str | None,
+    stage: str | None,
+    error: str | None,
+    source: str | None,
 ) -> repo.FailedFilter:
     try:
-        moment = parse_since(since) if since else None
+        moment = parse_since(since, settings_of(ctx).zone) if since else None
     except ValueError as exc:
         raise fail(f"--since: {exc}", EXIT_USAGE) from exc
     return repo.FailedFilter(since=moment, stage=stage, error=error, source=source)
@@ -640,7 +650,7 @@ def failed_list(
     json_output: JsonOption = False,
 ) -> None:
     """List failed messages, newest first."""
-    wanted = failed_filter(since, stage, error, source)
+    wanted = failed_filter(ctx, since, stage, error, source)
     with runtime(ctx) as rt, rt.sessions() as session:
         found = repo.failed_with_head(session, wanted, limit, HEADER_BYTES)
         rows = [failed_view(message, head) for message, head in found]
@@ -719,7 +729,7 @@ def failed_replay(
             "give ledger ids, or --all and/or filters (--since, --stage, --error, --source)",
             EXIT_USAGE,
         )
-    wanted = failed_filter(since, stage, error, source)
+    wanted = failed_filter(ctx, since, stage, error, source)
     with runtime(ctx) as rt:
         chosen = list(dict.fromkeys(ids)) if ids else select_failed(rt.sessions, wanted)
         if dry_run:
@@ -893,7 +903,10 @@ def rules_test(
     rules_file: RulesFileOption = None,
     received_at: Annotated[
         datetime | None,
-        typer.Option(help="Pretend the mails arrived then (ISO time; default: now, UTC)."),
+        typer.Option(
+            help="Pretend the mails arrived then (ISO time; without an offset, in the "
+            "configured time zone; default: now)."
+        ),
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -901,9 +914,9 @@ def rules_test(
     whether it matched and, if not, which condition failed; then the decision."""
     rules = load_rules_or_exit(ctx, configured_rules_path(ctx, rules_file))
     moment = received_at or datetime.now(UTC)
-    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=settings_of(ctx).zone)
     results = []
-    with runtime(ctx) as rt:
+    with runtime(ctx, read_only=True) as rt:
         router = DryRouter(rt.settings, rt.sessions, rules)
         for path in files:
             try:
@@ -934,7 +947,7 @@ def rules_diff(
     """Replay recent stored mails through the current and the new rules and list those whose
     fate, category, assignee or priority would change. Nothing is written."""
     try:
-        start = parse_since(since)
+        start = parse_since(since, settings_of(ctx).zone)
     except ValueError as exc:
         raise fail(str(exc), EXIT_USAGE) from exc
     current = load_rules_or_exit(ctx, configured_rules_path(ctx, None), EXIT_USAGE)

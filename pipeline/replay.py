@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,8 +30,9 @@ AGO_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 AGO_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """`90s`, `30m`, `12h`, `2d` or `1w` ago, or an ISO 8601 date/time (without zone: UTC)."""
+def parse_since(text: str, zone: tzinfo, now: datetime | None = None) -> datetime:
+    """`90s`, `30m`, `12h`, `2d` or `1w` ago, or an ISO 8601 date/time (without an offset: in
+    `zone`, the configured time zone)."""
     ago = AGO_RE.match(text)
     if ago:
         amount, unit = int(ago.group(1)), AGO_UNITS[ago.group(2)]
@@ -42,7 +43,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         raise ValueError(
             f"{text!r} is neither a duration like 2d, 12h, 30m nor an ISO date like 2026-11-20"
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment if moment.tzinfo else moment.replace(tzinfo=zone)
 
 
 @dataclass

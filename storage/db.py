@@ -48,6 +48,14 @@ def make_engine(url: str, *, busy_timeout_ms: int = 30_000, echo: bool = False) 
     return engine
 
 
+def missing_sqlite_file(url: str) -> bool:
+    """Whether `url` names a SQLite database file that does not exist (yet)."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    in_a_file = database not in ("", ":memory:") and not database.startswith("file:")
+    return parsed.get_backend_name() == "sqlite" and in_a_file and not Path(database).exists()
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

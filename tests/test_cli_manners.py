@@ -50,3 +50,11 @@ def test_rules_check_json_prints_the_errors_as_json(run, tmp_path):
     document = json.loads(result.stdout)
     assert document["ok"] is False
     assert any("subjekt" in error for error in document["errors"])
+
+
+def test_rules_test_writes_nothing_not_even_a_database_file(run, tmp_path):
+    from tests.conftest import DATA
+
+    result = run("rules", "test", str(DATA / "answering-service.eml"), "--rules", "rules.yaml")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "m.db").exists()

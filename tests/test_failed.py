@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from alembic import command
@@ -357,12 +358,13 @@ def test_only_lock_and_connection_errors_count_as_transient(tmp_path):
 
 
 def test_since_accepts_durations_and_iso_dates():
-    now = parse_since("2026-11-26T12:00:00+09:00")
-    assert parse_since("2d", now) == now - timedelta(days=2)
-    assert parse_since("90s", now) == now - timedelta(seconds=90)
-    assert parse_since("2026-11-20").isoformat() == "2026-11-20T00:00:00+00:00"
+    tokyo = ZoneInfo("Asia/Tokyo")
+    now = parse_since("2026-11-26T12:00:00+09:00", tokyo)
+    assert parse_since("2d", tokyo, now) == now - timedelta(days=2)
+    assert parse_since("90s", tokyo, now) == now - timedelta(seconds=90)
+    assert parse_since("2026-11-20", tokyo).isoformat() == "2026-11-20T00:00:00+09:00"
     with pytest.raises(ValueError, match="neither a duration"):
-        parse_since("last week")
+        parse_since("last week", tokyo)
 
 
 def test_outdated_schema_exits_3_and_downgrade_keeps_discarded_rows(tmp_path, monkeypatch):
