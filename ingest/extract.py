@@ -28,7 +28,7 @@ import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config import DEFAULT_TIMEZONE, compile_regex, load_yaml_model, zone_named
-from ingest.mail import IncomingMail, ParsedMail
+from ingest.mail import IncomingMail, ParsedMail, Requester
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ DATETIME_RE = compile_regex(
     r"(?:S*:?S*(?P<second>\d{1,2})S*秒?)?)?".replace("S*", SPACE + "*")
 )
 REIWA_OFFSET = 2018
+PHONE_SCAN_CHARS = 20_000  # how much of a mail's text the phone number matcher reads
 INTEGER_RE = compile_regex(r"\d+")
 # Decoration around a label: "■お名前", "【会社名】", "・電話番号", "[お名前]" (and spaces).
 LABEL_LEAD = "■□●○◆◇・*＊-－【[〔（(<＜"
@@ -132,11 +133,21 @@ class FieldSpec(Model):
         return frozenset(label_key(label) for label in self.labels)
 
 
+class RequesterMap(Model):
+    """Which extracted field fills each requester column of the ticket."""
+
+    name: str | None = "requester_name"
+    email: str | None = "requester_email"
+    phone: str | None = "requester_phone"
+    company: str | None = "requester_company"
+
+
 class Template(Model):
     name: str
     source_kind: Literal["phone", "fax", "webform", "email"]
     match: Match
     fields: list[FieldSpec] = Field(default_factory=list)
+    requester: RequesterMap = RequesterMap()
 
 
 class TemplateFile(Model):
@@ -308,6 +319,35 @@ def extract(mail: IncomingMail, templates: list[Template], zone: tzinfo = DEFAUL
     assert mail.parsed is not None
     template = matching_template(templates, mail.parsed)
     if template is None:
+        mail.requester = sender_of(mail.parsed)
         return
     mail.source_kind = template.source_kind
     mail.fields = {"template": template.name, **extract_fields(template, mail.parsed, zone)}
+    mail.requester = requester_from(template.requester, mail.fields)
+
+
+def requester_from(columns: RequesterMap, fields: dict[str, Any]) -> Requester:
+    """The requester a template's fields name (for template mail, From is the gateway)."""
+
+    def value(key: str | None) -> str | None:
+        found = fields.get(key) if key else None
+        return str(found) if found not in (None, "") else None
+
+    phone_key = columns.phone
+    phone = value(f"{phone_key}_e164") or value(phone_key) if phone_key else None
+    return Requester(value(columns.name), value(columns.email), phone, value(columns.company))
+
+
+def sender_of(parsed: ParsedMail) -> Requester:
+    """A person wrote this mail: From, and the first phone number written in it."""
+    return Requester(
+        parsed.from_name, parsed.from_email, phone_in(parsed.reply_text or parsed.text)
+    )
+
+
+def phone_in(text: str) -> str | None:
+    """The first phone number written in `text` (its first PHONE_SCAN_CHARS), in E.164."""
+    scanned = unicodedata.normalize("NFKC", text[:PHONE_SCAN_CHARS])
+    for match in phonenumbers.PhoneNumberMatcher(scanned, PHONE_REGION):
+        return phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164)
+    return None

@@ -80,6 +80,17 @@ class Decision:
     assign: Callable[[Session], str] | None = None
 
 
+@dataclass
+class Requester:
+    """Who the inquiry is from: the caller, the FAX's sender, the form's writer; for a plain
+    mail, its From. Set by the `extract` stage."""
+
+    name: str | None = None
+    email: str | None = None
+    phone: str | None = None  # E.164 (+81312345678) when it reads as a number, else as written
+    company: str | None = None
+
+
 @dataclass(frozen=True)
 class Earlier:
     """An earlier delivery of the same message that already made its ticket or comment."""
@@ -100,6 +111,7 @@ class IncomingMail:
     parsed: ParsedMail | None = None
     source_kind: str = "email"  # phone, fax, webform or email, from the matching template
     fields: dict[str, Any] = field(default_factory=dict)  # extracted from the template
+    requester: Requester = field(default_factory=Requester)
     auto_reply: str | None = None  # why it is an auto-reply/bounce/loop, if it is one
     duplicate_of: Earlier | None = None
     follow_up_ticket_id: int | None = None  # the ticket this mail answers

@@ -11,8 +11,6 @@ from ingest.mail import IncomingMail, ParsedMail
 from storage import repo
 from storage.models import Attachment, Fate, Ticket, TicketComment
 
-REQUESTER_FIELDS = ("requester_name", "requester_email", "requester_phone", "requester_company")
-
 
 def store(session: Session, mail: IncomingMail, key_prefix: str) -> None:
     """Write what the pipeline decided for `mail` (its `fate`) in the caller's transaction."""
@@ -48,11 +46,7 @@ def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> Ticket:
     parsed, decision = mail.parsed, mail.decision
     assert parsed is not None and decision is not None
     fields = {**mail.fields, **decision.fields}
-    requester = {name: fields.get(name) for name in REQUESTER_FIELDS}
-    if mail.source_kind == "email":
-        # A person wrote this mail; for template sources From is the gateway, not the requester.
-        requester["requester_name"] = requester["requester_name"] or parsed.from_name
-        requester["requester_email"] = requester["requester_email"] or parsed.from_email
+    requester = mail.requester
     ticket = Ticket(
         key=f"new-{mail.inbound_id}",
         source_kind=mail.source_kind,
@@ -60,10 +54,10 @@ def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> Ticket:
         subject=parsed.subject,
         body=parsed.text,
         body_html=parsed.html,
-        requester_name=requester["requester_name"],
-        requester_email=requester["requester_email"],
-        requester_phone=requester["requester_phone"],
-        requester_company=requester["requester_company"],
+        requester_name=requester.name,
+        requester_email=requester.email,
+        requester_phone=requester.phone,
+        requester_company=requester.company,
         assignee=decision.assignee,
         priority=decision.priority,
         due_at=decision.due_at,

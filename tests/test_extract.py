@@ -282,5 +282,29 @@ def test_honorifics_and_separators():
     ]
 
 
-def test_a_missing_templates_file_means_no_templates(tmp_path):
-    assert load_templates(tmp_path / "absent.yaml") == []
+def test_a_missing_templates_file_is_an_error_unless_it_is_the_unconfigured_default(tmp_path):
+    assert load_templates(tmp_path / "absent.yaml", required=False) == []
+    with pytest.raises(ConfigError, match=r"absent\.yaml"):
+        load_templates(tmp_path / "absent.yaml")
+
+
+def test_the_fax_sender_is_the_requester_with_an_e164_number():
+    mail = extracted("fax-gateway-pdf.eml")
+    assert mail.source_kind == "fax"
+    assert mail.requester.name == mail.fields["fax_sender_name"]
+    assert mail.requester.phone == mail.fields["fax_number_e164"]
+    assert mail.requester.phone.startswith("+81")
+
+
+def test_the_answering_service_caller_phone_is_stored_in_e164():
+    mail = extracted("answering-service-iso2022jp.eml")
+    assert mail.requester.phone is not None and mail.requester.phone.startswith("+81")
+    assert mail.requester.phone == mail.fields["requester_phone_e164"]
+    assert mail.requester.company == mail.fields["requester_company"]
+
+
+def test_a_phone_number_in_an_ordinary_mail_is_found():
+    raw = simple_mail(body="在庫について折り返しお願いします。\nTEL: 03-9876-5432\n山田")
+    mail = extracted_from(raw)
+    assert mail.source_kind == "email"
+    assert (mail.requester.email, mail.requester.phone) == ("customer@example.com", "+81398765432")
