@@ -25,6 +25,7 @@ from typing import Any
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -55,7 +56,7 @@ class Readiness:
             with self.sessions() as session:
                 ping(session)
                 state = ledger_state(session)
-        except Exception as exc:
+        except SQLAlchemyError as exc:
             reason = f"database unreachable: {first_line(exc)}"
             reasons.append(reason)
             checks["database"] = reason

@@ -118,7 +118,7 @@ def ledger_state(session: Session) -> LedgerState:
         )
     )
     return LedgerState(
-        by_status={status: count for status, count in counts.tuples()},
+        by_status={row[0]: row[1] for row in counts.all()},
         oldest_unprocessed=oldest,
         retries_scheduled=retries or 0,
     )
