@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import signal
@@ -41,6 +42,7 @@ from pipeline.stages import MessageTooLarge, examine
 from rules.engine import CompiledRules, RulesRouter
 from rules.load import RulesError, load_rules
 from rules.reload import RulesHolder, watch_rules
+from sources import logs
 from sources.files import STDIN, MessageSource
 from sources.imap import Hooks, folder_fetchers, start_fetchers
 from sources.service import ListenerError, Service, serve_until_signalled
@@ -81,6 +83,12 @@ app.add_typer(attachments_app, name="attachments")
 log = logging.getLogger("mailintake")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+
+class LogFormat(enum.StrEnum):
+    human = "human"
+    json = "json"
+
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 LimitOption = Annotated[int, typer.Option(min=1, help="At most this many, newest first.")]
@@ -135,16 +143,20 @@ def main_options(
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")] = False,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(
+            "--log-format",
+            help="Log lines as human text or JSON objects, one a line (default: log.format).",
+        ),
+    ] = None,
 ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    level = logging.DEBUG if verbose else logging.INFO
+    logs.setup(log_format.value if log_format else "human", level)
     logging.getLogger("mailparser").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("imapclient").setLevel(logging.WARNING)  # protocol traces hold mail
-    ctx.obj = CliState(config)
+    ctx.obj = CliState(config, log_format is not None, level)
 
 
 @dataclass
@@ -153,6 +165,8 @@ class CliState:
     command can decide what a bad configuration means for it (`ingest -` must not bounce)."""
 
     config: Path | None
+    log_format_given: bool = False  # --log-format wins over log.format
+    log_level: int = logging.INFO
     settings: Settings | None = None
 
 
@@ -164,6 +178,8 @@ def settings_of(ctx: typer.Context) -> Settings:
             state.settings = load_settings(state.config)
         except ConfigError as exc:
             raise fail(f"bad configuration:\n{exc}", EXIT_USAGE) from exc
+        if not state.log_format_given and state.settings.log.format != logs.current_format():
+            logs.setup(state.settings.log.format, state.log_level)
     return state.settings
 
 
@@ -423,7 +439,7 @@ def fetch_until_signalled(ctx: typer.Context, account: str | None) -> None:
         def received(inbound_id: int) -> None:
             process(pipeline, inbound_id)
 
-        threads = start_fetchers(rt.settings, rt.sessions, received, stop, account)
+        threads = start_fetchers(rt.settings, rt.sessions, received, stop, account=account)
         stop.wait()
         log.info("stopping the fetchers")
         for thread in threads:
@@ -810,6 +826,7 @@ def serve(ctx: typer.Context) -> None:
     or templates file is refused, 3 if the database is unavailable.
     """
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start and stop lines
     with runtime(ctx) as rt:
         try:
             pipeline = rt.pipeline()  # a bad rules or templates file stops here (exit 2)
@@ -817,12 +834,15 @@ def serve(ctx: typer.Context) -> None:
             if rt.settings.processing.mode == "thread":
                 service = Service(rt.settings, pipeline)
                 if holder is not None:
+                    service.parts.rules = holder
                     service.add_task("rules-reload", partial(watch_rules, holder))
             else:
                 workers = WorkerPool(rt.settings, holder)
                 service = Service(rt.settings, pipeline, workers)
                 if holder is not None:
                     watched = WorkerRules(holder, workers)
+                    service.parts.rules = watched
+                    service.parts.rules_reload_errors = lambda: watched.reload_errors
                     service.add_task("rules-reload", partial(watch_rules, watched))
             asyncio.run(serve_until_signalled(service))
         except ListenerError as exc:

@@ -146,6 +146,8 @@ class ProcessingSettings(Section):
     mode: Literal["process", "thread"] = "process"
     workers: int = Field(default=1, ge=1, le=64)
     rescan_seconds: float = Field(default=30, gt=0)  # also picks up due retries and leftovers
+    # /readyz fails once the oldest unprocessed message has waited this long.
+    stall_after_seconds: float = Field(default=600, gt=0)
 
 
 class ListenerSettings(Section):
@@ -273,6 +275,18 @@ class ImapSettings(Section):
         return self
 
 
+class HttpSettings(ListenerSettings):
+    """The admin HTTP listener of `mailintake serve`: /metrics, /healthz, /readyz."""
+
+    port: int = Field(default=9025, ge=0, le=65535)
+
+
+class LogSettings(Section):
+    """Log lines on stderr: `human` text, or `json`, one object per line."""
+
+    format: Literal["human", "json"] = "human"
+
+
 class Settings(BaseSettings):
     """The whole configuration; see the commented `config.yaml` for every key."""
 
@@ -294,6 +308,8 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = SmtpSettings()
     lmtp: LmtpSettings = LmtpSettings()
     imap: ImapSettings = ImapSettings()
+    http: HttpSettings = HttpSettings()
+    log: LogSettings = LogSettings()
 
     @field_validator("timezone")
     @classmethod

@@ -77,7 +77,7 @@ def process(ctx: PipelineContext, inbound_id: int) -> Fate | None:
         return None
     except Exception as exc:
         return _record_failure(ctx, mail, exc)
-    log.info("message %s %s: %s", inbound_id, _mid(mail), mail.fate)
+    log.info("message %s %s: %s", inbound_id, _mid(mail), mail.fate, extra=_about(mail))
     return mail.fate
 
 
@@ -90,6 +90,11 @@ def _decide_and_store(ctx: PipelineContext, mail: IncomingMail) -> None:
             run(mail, ctx, session)
         assert mail.fate is not None, "the decide stage settles every message"
         record_attempt(session, mail.inbound_id, mail.fate)
+
+
+def _about(mail: IncomingMail) -> dict[str, object]:
+    """The fields every log line about a message carries (as JSON keys with `log.format: json`)."""
+    return {"inbound_id": mail.inbound_id, "message_id": _mid(mail)}
 
 
 def _mid(mail: IncomingMail) -> str:

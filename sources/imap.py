@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import ImapAccount, Settings
-from ingest.headers import first_message_id
+from ingest.headers import first_message_id, message_id_as_written
 from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.retry import backoff_delay
@@ -282,6 +282,7 @@ class FolderFetcher:
         self._last_uid = 0
         self._last_success = time.monotonic()
         self._stalled = False
+        self.state = "connecting"  # then "ok" after each sync, "failing" after each failure
         self._stop = threading.Event()  # run()'s event: a long fetch stops between batches
         # UIDs in a FETCH that ended the connection: the server's words each time one was
         # fetched alone (an empty list: it was in a batch). See _note_dropped().
@@ -292,6 +293,17 @@ class FolderFetcher:
     @property
     def server(self) -> str:
         return f"{self.account.host}:{self.account.server_port}"
+
+    @property
+    def seconds_since_success(self) -> float:
+        """Since the last sync (a fetcher waiting in IDLE syncs at least every renewal)."""
+        return time.monotonic() - self._last_success
+
+    @property
+    def stalled(self) -> bool:
+        """Not synced for `imap.stalled_after_seconds` and not waiting on a live connection."""
+        quiet = self.seconds_since_success >= self.imap.stalled_after_seconds
+        return self.state != "ok" and quiet
 
     def fetch_once(self) -> int:
         """Fetch what is in the folder now; returns how many new messages there were.
@@ -512,6 +524,16 @@ class FolderFetcher:
     def _receive(self, uid: int, raw: bytes) -> None:
         envelope = Envelope(source=Source.IMAP, peer=self.server, extra=self._envelope(uid))
         inbound_id = receive(self.sessions, raw, envelope)
+        mid = message_id_as_written(raw)
+        log.info(
+            "imap %s: uid %s %s, %d bytes: stored as ledger id %d",
+            self.label,
+            uid,
+            mid,
+            len(raw),
+            inbound_id,
+            extra={"inbound_id": inbound_id, "message_id": mid},
+        )
         try:
             self.hooks.received(inbound_id)
         except Exception:
@@ -539,6 +561,7 @@ class FolderFetcher:
             first_message_id(header) or "(no Message-ID)",
             inbound_id,
             reason,
+            extra={"inbound_id": inbound_id, "message_id": first_message_id(header)},
         )
         self.hooks.unfetched(inbound_id)
 
@@ -581,6 +604,7 @@ class FolderFetcher:
 
     def _succeeded(self) -> None:
         self._last_success = time.monotonic()
+        self.state = "ok"
         if self._stalled:
             self._stalled = False
             log.warning("imap %s: fetching again after a stall", self.label)
@@ -588,6 +612,7 @@ class FolderFetcher:
     def _report_failure(self, exc: Exception, delay: float) -> None:
         """One log line per failed attempt, then the stall report once it is overdue."""
         what = self.describe(exc)
+        self.state = "failing"
         if isinstance(exc, EXPECTED_ERRORS):
             log.warning("imap %s: %s; reconnecting in %.1f s", self.label, what, delay)
         else:
@@ -648,14 +673,18 @@ def start_fetchers(
     on_received: ReceivedHook,
     stop: threading.Event,
     account: str | None = None,
+    fetchers: list[FolderFetcher] | None = None,
 ) -> list[threading.Thread]:
     """Start one daemon thread per account and folder; they end soon after `stop` is set.
 
     `on_received(ledger_id)` is called from those threads after each commit, before the
-    message is acknowledged in the mailbox.
+    message is acknowledged in the mailbox. `fetchers` are run instead of new ones (the
+    service keeps them to report their state).
     """
     threads = []
-    for fetcher in folder_fetchers(settings, sessions, Hooks(on_received), account):
+    if fetchers is None:
+        fetchers = folder_fetchers(settings, sessions, Hooks(on_received), account)
+    for fetcher in fetchers:
         thread = threading.Thread(
             target=fetcher.run, args=(stop,), name=f"imap {fetcher.label}", daemon=True
         )
@@ -669,10 +698,11 @@ async def fetch_until_stopped(
     sessions: sessionmaker[Session],
     on_received: ReceivedHook,
     stop: asyncio.Event,
+    fetchers: list[FolderFetcher] | None = None,
 ) -> None:
     """The fetchers as a background task of `mailintake serve`: threads until `stop` is set."""
     halt = threading.Event()
-    threads = start_fetchers(settings, sessions, on_received, halt)
+    threads = start_fetchers(settings, sessions, on_received, halt, fetchers=fetchers)
     try:
         await stop.wait()
     finally:

@@ -10,6 +10,10 @@ Other sources plug in as background tasks: `Service.add_task(name, task)` where 
 a coroutine function that runs until the `stop` event is set. A task that stores a message
 calls `await service.store(raw, envelope)`, which commits and wakes the worker.
 
+The admin HTTP listener (`http.enabled`, sources/http.py) runs in the same loop: /metrics,
+/healthz, /readyz. The service keeps what they look at in `parts` (the SMTP handler and door,
+the IMAP fetchers, the rules holder the command line gives it).
+
 Shutdown (SIGTERM/SIGINT): stop accepting, say goodbye (421) to idle clients, let clients in
 the middle of a transaction finish within `smtp.shutdown_grace_seconds`, then close the rest
 (their unacknowledged message stays theirs to retry), stop the tasks, let the in-flight commits
@@ -35,7 +39,9 @@ from config import ListenerSettings, Settings
 from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.process import PipelineContext
-from sources.imap import fetch_until_stopped
+from sources.http import HttpListener, Readiness, create_app
+from sources.imap import FolderFetcher, Hooks, fetch_until_stopped, folder_fetchers
+from sources.metrics import Metrics, Parts, file_version
 from sources.smtp import (
     Door,
     IntakeHandler,
@@ -87,26 +93,48 @@ class Service:
             pipeline, settings.processing.rescan_seconds
         )
         self.door = Door(settings.smtp)
+        self.handler: IntakeHandler | None = None  # made when the listeners start
         self.listeners: list[Listener] = []
         self.tasks: list[tuple[str, BackgroundTask]] = []
-        if settings.imap.accounts:  # fetchers commit each message, then wake the worker
+        # Fetchers commit each message, then wake the worker.
+        self.fetchers: list[FolderFetcher] = folder_fetchers(
+            settings, pipeline.sessions, Hooks(self._fetched)
+        )
+        if self.fetchers:
             self.add_task(
                 "imap",
                 partial(
                     fetch_until_stopped,
                     settings,
                     pipeline.sessions,
-                    lambda _inbound_id: self.worker.wake(),
+                    self._fetched,
+                    fetchers=self.fetchers,
                 ),
             )
+        self.parts = Parts(
+            door=self.door,
+            fetchers=self.fetchers,
+            templates_version=file_version(settings.templates.path),
+        )
+        multiprocess_dir = workers.metrics_dir if workers is not None else None
+        self.metrics = Metrics(pipeline.sessions, self.parts, multiprocess_dir)
+        self.http: HttpListener | None = None
         self._executor: ThreadPoolExecutor | None = None
+
+    def _fetched(self, _inbound_id: int) -> None:
+        self.metrics.received.labels("imap").inc()
+        self.worker.wake()
 
     def add_task(self, name: str, task: BackgroundTask) -> None:
         """Run `task(stop)` beside the listeners (e.g. an IMAP fetcher, a rules reloader)."""
         self.tasks.append((name, task))
 
     def address(self, name: str) -> tuple[str, int]:
-        """Where listener `name` ("smtp" or "lmtp") listens (the real port when 0 was asked)."""
+        """Where listener `name` ("smtp", "lmtp" or "http") listens (the real port when 0 was
+        asked)."""
+        if name == "http":
+            assert self.http is not None, "the HTTP listener is not running"
+            return self.http.address
         return next(listener.address for listener in self.listeners if listener.name == name)
 
     async def store(self, raw: bytes, envelope: Envelope) -> int:
@@ -116,6 +144,7 @@ class Service:
         inbound_id = await loop.run_in_executor(
             self._executor, receive, self.pipeline.sessions, raw, envelope
         )
+        self.metrics.received.labels(envelope.source).inc()
         self.worker.wake()
         return inbound_id
 
@@ -147,6 +176,8 @@ class Service:
         handler = IntakeHandler(
             smtp, self.store, max_bytes=self.settings.intake.max_message_bytes, hostname=hostname
         )
+        handler.on_data_reply = self.metrics.smtp_replied
+        self.handler = self.parts.handler = handler
         wanted = [("smtp", IntakeSMTP, smtp), ("lmtp", IntakeLMTP, self.settings.lmtp)]
         for name, protocol, where in wanted:
             if not where.enabled:
@@ -155,6 +186,25 @@ class Service:
             self.listeners.append(Listener(name, await self._bind(name, factory, where)))
             host, port = self.address(name)
             log.info("listening for %s on %s:%d", name.upper(), host, port)
+        if self.settings.http.enabled:
+            await self._listen_http()
+
+    async def _listen_http(self) -> None:
+        where = self.settings.http
+        readiness = Readiness(self.settings, self.pipeline.sessions, self.parts)
+        http = HttpListener(create_app(self.metrics, readiness), where.host, where.port)
+        try:
+            await http.start()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenerError(
+                f"cannot listen for HTTP on {where.host}:{where.port}: {reason} (the address is "
+                "http.host/http.port in the config, or MAILINTAKE_HTTP__PORT; http.enabled: "
+                "false turns it off)"
+            ) from exc
+        self.http = http
+        host, port = http.address
+        log.info("listening for HTTP on %s:%d", host, port)
 
     async def _bind(
         self, name: str, factory: Callable[[], IntakeSMTP], where: ListenerSettings
@@ -198,6 +248,8 @@ class Service:
             log.warning("processing did not finish within %.0f s; it resumes on next start", grace)
         for listener in self.listeners:
             await listener.server.wait_closed()
+        if self.http is not None:
+            await self.http.stop()
         log.info("stopped")
 
     async def _drain_sessions(self, grace: float) -> None:

@@ -400,6 +400,8 @@ class IntakeSMTP(SMTP):
                     return
             if text.startswith("5"):
                 log.info("%s %s: refused: %s", self.protocol_name, self.peer_text, text)
+            if text[3:4] != "-":
+                self.event_handler.replies[text[:3]] += 1
             await SMTP.push(self, reply)
         await asyncio.sleep(0)
 
@@ -519,8 +521,10 @@ class StoreBusy(Exception):
 class IntakeHandler:
     """aiosmtpd handler: envelope checks, recipient policy, then DATA -> `store` -> reply.
 
-    `auth_failures` (failed logins on all connections) and `stores_in_flight` (commits not yet
-    returned, those answered 451 on timeout included) are there for metrics.
+    `auth_failures` (failed logins on all connections), `stores_in_flight` (commits not yet
+    returned, those answered 451 on timeout included), `replies` (replies sent, by code) and
+    `on_data_reply(code, seconds)` (each DATA answered, and how long the client waited for it)
+    are there for metrics.
     """
 
     def __init__(
@@ -533,6 +537,8 @@ class IntakeHandler:
         self.hostname = hostname
         self.auth_failures = 0
         self.stores_in_flight = 0
+        self.replies: collections.Counter[str] = collections.Counter()
+        self.on_data_reply: Callable[[str, float], None] | None = None
         # A commit that never returns keeps its message's bytes: at most one per connection.
         self.max_stores_in_flight = settings.max_connections
 
@@ -620,11 +626,19 @@ class IntakeHandler:
             inbound_id: int | None = await self._store_in_time(raw, ledger_envelope, what)
         except Exception as exc:
             inbound_id = None
-            log.error("%s: not stored, answered 451: %s", what, error_line(exc))
+            log.error(
+                "%s: not stored, answered 451: %s",
+                what,
+                error_line(exc),
+                extra={"message_id": mid},
+            )
         else:
             ms = (time.monotonic() - started) * 1000
-            log.info("%s: stored as ledger id %d in %.0f ms", what, inbound_id, ms)
+            fields = {"inbound_id": inbound_id, "message_id": mid}
+            log.info("%s: stored as ledger id %d in %.0f ms", what, inbound_id, ms, extra=fields)
             server.message_accepted()
+        if self.on_data_reply is not None:
+            self.on_data_reply("451" if inbound_id is None else "250", time.monotonic() - started)
         if isinstance(server, IntakeLMTP):
             return [data_reply(inbound_id, rcpt) for rcpt in envelope.rcpt_tos]
         return [data_reply(inbound_id)]

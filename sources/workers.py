@@ -49,6 +49,8 @@ from pipeline.replay import retry_due
 from rules.engine import RulesRouter
 from rules.load import RulesError, load_rules
 from rules.reload import RulesHolder
+from sources import logs
+from sources.metrics import observe_processing, processing_histogram, write_to_directory
 from storage import db, repo
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,10 @@ def drain(pipeline: PipelineContext, stop: threading.Event, share: tuple[int, in
         for inbound_id in mine + others:
             if stop.is_set():
                 return
-            progressed |= process(pipeline, inbound_id) is not None
+            started = time.monotonic()
+            if process(pipeline, inbound_id) is not None:
+                progressed = True
+                observe_processing(time.monotonic() - started)
         if not progressed:
             return  # every pending row is leased by a live process; wait for the next wake
 
@@ -163,11 +168,16 @@ class WorkerSpec:
     rescan_seconds: float
     log_level: int
     rules_fallback: Path | None  # the parent's last good copy of the rules file
+    metrics_dir: Path | None = None  # where its metrics go for the parent's /metrics
+    log_format: str = "human"
 
 
 def worker_main(spec: WorkerSpec, control: Connection) -> None:
     """Entry point of a worker process (spawned: a fresh interpreter)."""
     _setup_logging(spec)
+    if spec.metrics_dir is not None:
+        write_to_directory(spec.metrics_dir)
+        processing_histogram()  # the parent shows it from the start, at 0
     stop, wake = threading.Event(), threading.Event()
 
     def on_term(_signum: int, _frame: object) -> None:
@@ -209,7 +219,7 @@ def worker_main(spec: WorkerSpec, control: Connection) -> None:
 
 def _setup_logging(spec: WorkerSpec) -> None:
     multiprocessing.current_process().name = spec.name
-    logging.basicConfig(level=spec.log_level, format=LOG_FORMAT, force=True)
+    logs.setup(spec.log_format, spec.log_level, LOG_FORMAT)
     logging.getLogger("mailparser").setLevel(logging.ERROR)
 
 
@@ -272,6 +282,7 @@ class WorkerPool:
         self._lock = threading.Lock()  # wake() may come from IMAP fetcher threads
         self._snapshot_dir: Path | None = None
         self._fallback: Path | None = None
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix="mailintake-metrics-"))
         if rules is not None:
             self._snapshot_dir = Path(tempfile.mkdtemp(prefix="mailintake-rules-"))
             self._fallback = self._snapshot_dir / rules.path.name
@@ -287,6 +298,8 @@ class WorkerPool:
                     rescan_seconds=settings.processing.rescan_seconds,
                     log_level=logging.getLogger().getEffectiveLevel(),
                     rules_fallback=self._fallback,
+                    metrics_dir=self.metrics_dir,
+                    log_format=logs.current_format(),
                 )
             )
             for i in range(count)
@@ -383,6 +396,7 @@ class WorkerPool:
                 slot.process.join()
         if self._snapshot_dir is not None:
             shutil.rmtree(self._snapshot_dir, ignore_errors=True)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return clean
 
 
@@ -402,10 +416,13 @@ class WorkerRules(RulesHolder):
     def __init__(self, holder: RulesHolder, workers: WorkerPool) -> None:
         super().__init__(holder.path, holder.current(), holder.zone)
         self.workers = workers
+        self.reload_errors = 0  # refused edits, for metrics
 
     def reload(self) -> bool:
         changed = super().reload()
-        if self.last_error is None:
+        if self.last_error is not None:
+            self.reload_errors += 1
+        else:
             self.workers.rules_changed(self)
             self.workers.reload()
         return changed

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Row, Update, func, or_, select, update
+from sqlalchemy import CursorResult, Row, Update, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
@@ -267,6 +267,30 @@ def message_by_id_or_message_id(session: Session, ref: str) -> InboundMessage | 
 def count_by_status(session: Session) -> dict[str, int]:
     query = select(InboundMessage.status, func.count()).group_by(InboundMessage.status)
     return {status: count for status, count in session.execute(query).all()}
+
+
+def oldest_unprocessed_at(session: Session) -> datetime | None:
+    """When the oldest message still `received` arrived (None without a backlog)."""
+    query = (
+        select(InboundMessage.received_at)
+        .where(InboundMessage.status == Fate.RECEIVED)
+        .order_by(InboundMessage.id)
+        .limit(1)
+    )
+    return session.scalar(query)
+
+
+def retries_scheduled(session: Session) -> int:
+    """Failed messages waiting for their automatic retry."""
+    query = select(func.count()).where(
+        InboundMessage.status == Fate.FAILED, InboundMessage.next_attempt_at.is_not(None)
+    )
+    return session.scalar(query) or 0
+
+
+def ping(session: Session) -> None:
+    """A round trip to the database: raises if it cannot be reached."""
+    session.execute(text("SELECT 1"))
 
 
 def attachments_of_ticket(session: Session, ticket_id: int) -> Sequence[Attachment]:

@@ -36,6 +36,7 @@ class ServeProcess:
             "MAILINTAKE_DATABASE__URL": self.db_url,
             "MAILINTAKE_SMTP__PORT": str(port),
             "MAILINTAKE_SMTP__SHUTDOWN_GRACE_SECONDS": "5",
+            "MAILINTAKE_HTTP__PORT": "0",  # any free port: 9025 may be taken
         }
         env.pop("MAILINTAKE_CONFIG", None)
         self.proc = subprocess.Popen(
@@ -82,6 +83,7 @@ class ServiceThread:
     """`Service.run` on its own event loop in a thread, as `mailintake serve` runs it."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        settings.http.port = 0  # the admin listener on any free port: 9025 may be taken
         self.service = Service(settings, PipelineContext(settings, sessions))
         self.error: BaseException | None = None
         self._ready = threading.Event()
