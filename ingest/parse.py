@@ -109,6 +109,8 @@ class _Budget:
         value is kept as written (8-bit bytes read as UTF-8), with a defect."""
         if value is None:
             return ""
+        if value.isascii() and "=?" not in value and not CONTROL_CHARS.search(value):
+            return " ".join(value.split())  # what decode_header_value makes of plain ASCII
         if len(value) <= self.header_text:
             self.header_text -= len(value)
             return decode_header_value(value, defects)
