@@ -8,16 +8,16 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from email.header import decode_header
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from config import compile_regex
-from ingest.charsets import decode_bytes
+from ingest.charsets import CONTROL_CHARS, decode_bytes, decode_words
 
-# `<left@right>`; no white space, angle brackets or control characters inside.
-MESSAGE_ID = compile_regex(r"<[^<>\s\x00-\x1f\x7f]+>")
+# `<left@right>`; no white space, angle brackets or control characters inside. Python's `re`
+# (RE2 cannot read raw 8-bit header text): linear by construction, one character class between
+# fixed delimiters, whose run stops at the next `<` or `>`.
+MESSAGE_ID = re.compile(r"<[^<>\s\x00-\x1f\x7f]+>")
 # A folded header line continues after CRLF + whitespace; unfolded before decoding.
 FOLDING = re.compile(r"\r?\n[ \t]")
 BOM = b"\xef\xbb\xbf"
@@ -34,8 +34,8 @@ def header_block(raw: bytes) -> Message:
 
 
 def message_ids(value: str | None) -> list[str]:
-    """Every `<id>` in a Message-ID, In-Reply-To or References value."""
-    return list(MESSAGE_ID.findall(value or ""))
+    """Every `<id>` in a Message-ID, In-Reply-To or References value, as stored (`storable`)."""
+    return [storable(found) for found in MESSAGE_ID.findall(value or "")]
 
 
 def first_message_id(value: str | bytes | None) -> str | None:
@@ -43,6 +43,14 @@ def first_message_id(value: str | bytes | None) -> str | None:
         value = value.decode("ascii", "replace")
     found = message_ids(value)
     return found[0] if found else None
+
+
+def storable(text: str) -> str:
+    """Raw header text as text a database takes: 8-bit bytes read as UTF-8 (U+FFFD where they
+    are not), control characters removed."""
+    if not text.isascii():
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return CONTROL_CHARS.sub("", text)
 
 
 def identity_of(raw: bytes, sha256: str) -> tuple[str | None, str]:
@@ -91,11 +99,7 @@ def decode_header_value(value: str | None, defects: list[str]) -> str:
     if value is None:
         return ""
     value = unfold(str(value))
-    try:
-        chunks = decode_header(value)
-    except (ValueError, LookupError, AssertionError):
-        defects.append(f"malformed encoded word in header: {value[:80]!r}")
-        chunks = [(value, None)]
+    chunks = decode_words(value, defects)
     parts = []
     for chunk, charset in chunks:
         raw = _chunk_bytes(chunk, charset, eight_bit=not value.isascii())

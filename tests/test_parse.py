@@ -295,9 +295,12 @@ def test_bytes_that_are_not_mail_are_unreadable(raw):
 
 
 def test_cli_parse_shows_what_the_pipeline_reads(tmp_path, monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # templates.yaml is read from here
+    templates = Path(__file__).resolve().parents[1] / "templates.yaml"
     config = tmp_path / "config.yaml"
-    config.write_text(f"database:\n  url: sqlite:///{tmp_path / 'unused.db'}\n", encoding="utf-8")
+    database = f"sqlite:///{tmp_path / 'unused.db'}"
+    config.write_text(
+        f"database: {{url: '{database}'}}\ntemplates: {{path: '{templates}'}}\n", encoding="utf-8"
+    )
     runner = CliRunner()
     result = runner.invoke(
         app, ["--config", str(config), "parse", str(DATA / "fax-gateway-pdf.eml"), "--json"]
