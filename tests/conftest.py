@@ -1,8 +1,13 @@
-"""Shared fixtures: a database on SQLite (temp file) and on PostgreSQL (own schema per run)."""
+"""Shared fixtures: a database on SQLite (temp file) and on PostgreSQL (own schema per run).
+
+Under pytest-xdist each worker is a run of its own: its own PostgreSQL schema, temp dirs and
+migrated SQLite template; servers listen on ports the system picks (tests/dovecot.py for IMAP).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +46,8 @@ def pg_schema_url() -> Iterator[str]:
     reason = pg_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    schema = f"mi_test_{uuid.uuid4().hex[:10]}"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # gw0, gw1, ... under xdist
+    schema = f"mi_test_{worker}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_URL)
     with admin.begin() as conn:
         conn.execute(text(f"CREATE SCHEMA {schema}"))
@@ -61,15 +67,24 @@ def _truncate_all(engine: Engine) -> None:
         conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
 
 
+@pytest.fixture(scope="session")
+def sqlite_migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty SQLite database migrated to head, made once per run; tests get a copy."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "migrated.db"
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.upgrade(engine)
+    engine.dispose()  # the last connection checkpoints the WAL: the file alone is the database
+    assert not path.with_name(f"{path.name}-wal").exists()
+    return path
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A migrated, empty database URL, on each backend."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'mailintake.db'}"
-        engine = db.make_engine(url)
-        db.upgrade(engine)
-        engine.dispose()
-        yield url
+        path = tmp_path / "mailintake.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_migrated"), path)
+        yield f"sqlite:///{path}"
         return
     url = request.getfixturevalue("pg_schema_url")
     engine = db.make_engine(url)
