@@ -120,3 +120,10 @@ def corpus_dir(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"corpus folder {path} is absent (it lives beside the project in ../shared)")
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, hand out the `slow` tests first (a stable sort: the rest keeps its order), so
+    that no worker starts one of them while the other has nothing left to do."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -55,6 +55,7 @@ def test_ingest_then_list_and_show_as_json(cli):
     assert (message["status"], message["source"]) == ("ticket", "file")
 
 
+@pytest.mark.slow
 def test_redmine_corpus_ingests_without_loss_and_twice_makes_no_ticket(cli, db_url):
     folder = corpus_dir("redmine")
     files = [p for p in folder.rglob("*") if p.is_file() and p.suffix == ".eml"]

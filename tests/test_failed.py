@@ -246,6 +246,7 @@ def test_two_racing_replays_make_one_ticket_per_message(db_url, settings, sessio
     assert tickets == len(ids)
 
 
+@pytest.mark.slow
 def test_two_replay_processes_racing_make_one_ticket_per_message(db_url, settings, sessions):
     ids = [fail_one(settings, sessions, simple_mail(subject=f"proc {n}")) for n in range(30)]
     env = {**os.environ, "MAILINTAKE_DATABASE__URL": db_url, "MAILINTAKE_CONFIG": "/dev/null"}

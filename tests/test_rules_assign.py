@@ -160,6 +160,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_round_robin_is_shared_by_two_processes_on_postgresql(tmp_path, pg_schema_url):
     engine = db.make_engine(pg_schema_url)
