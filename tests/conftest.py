@@ -11,6 +11,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -122,8 +123,32 @@ def corpus_dir(name: str) -> Path:
     return path
 
 
+# --- pytest-xdist -------------------------------------------------------------------------------
+
+# Modules whose tests share an expensive module-scoped fixture (the corpus ingested once): one
+# worker runs each of them whole. (xdist's own `--dist loadgroup` cannot be used: with pytest
+# 9.2's structured node IDs it silently stops grouping, pytest-xdist issue #1386.)
+RUN_WHOLE_ON_ONE_WORKER = {"tests/test_corpus.py"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under xdist, hand out the `slow` tests first (a stable sort: the rest keeps its order), so
     that no worker starts one of them while the other has nothing left to do."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`-n N` (load distribution): one test at a time to whichever worker is free, except the
+    modules in RUN_WHOLE_ON_ONE_WORKER, each sent whole (first: they are the largest units)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeModulesOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in RUN_WHOLE_ON_ONE_WORKER else nodeid
+
+    return WholeModulesOnOneWorker(config, log)

@@ -64,10 +64,6 @@ class CorpusRun:
     files: int
 
 
-# One xdist worker runs this module, so the corpus is ingested once (corpus_run), not per worker.
-pytestmark = pytest.mark.xdist_group("corpus")
-
-
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorpusRun]:
     """Every corpus message received and processed once, on SQLite."""
