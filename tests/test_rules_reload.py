@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from rules.load import load_rules
 from rules.reload import RulesHolder, watch_rules
 from storage import db
 from storage.models import Ticket
@@ -64,16 +65,17 @@ def watching(tmp_path) -> Iterator[RulesHolder]:
         target=loop.run_until_complete, args=(watch_rules(holder, stop, debounce_ms=50),)
     )
     thread.start()
-    # The watch is live once it has seen a change: save harmless edits until one is loaded.
+    # The watch is live once it has loaded an edit: save harmless ones (a comment) until one is
+    # in force, then wait until the file's last bytes are (no reload of a probe still to come).
     original, probes = holder.current(), itertools.count()
 
-    def probe_seen() -> bool:
-        if holder.current() is not original:
-            return True
-        replace_file(holder.path, f"{holder.path.read_text()}# probe {next(probes)}\n")
-        return False
+    def probe_loaded() -> bool:
+        if holder.current() is original:
+            replace_file(holder.path, f"{holder.path.read_text()}# probe {next(probes)}\n")
+            return False
+        return holder.current().version == load_rules(holder.path).version
 
-    wait_for(probe_seen, "the rules watch to load a saved edit")
+    wait_for(probe_loaded, "the rules watch to load a saved edit")
     yield holder
     loop.call_soon_threadsafe(stop.set)
     thread.join(WAIT_SECONDS)
