@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
@@ -63,9 +64,27 @@ def pg_schema_url() -> Iterator[str]:
 
 
 def _truncate_all(engine: Engine) -> None:
-    names = ", ".join(t.name for t in Base.metadata.sorted_tables)
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    """Empty every table and restart the id sequences, as TRUNCATE ... RESTART IDENTITY does.
+
+    DELETE is about ten times faster on tables this small (TRUNCATE makes new files); the
+    foreign keys, which form cycles, are not checked meanwhile (session_replication_role,
+    which needs a superuser, as the test server's `postgres` is: else TRUNCATE it is).
+    """
+    names = [t.name for t in Base.metadata.sorted_tables]
+    sequences = text(
+        "SELECT sequence_name FROM information_schema.sequences"
+        " WHERE sequence_schema = current_schema()"
+    )
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("SET LOCAL session_replication_role = replica"))
+            for name in names:
+                conn.execute(text(f"DELETE FROM {name}"))
+            for sequence in conn.scalars(sequences).all():
+                conn.execute(text(f"ALTER SEQUENCE {sequence} RESTART"))
+    except ProgrammingError:  # not a superuser
+        with engine.begin() as conn:
+            conn.execute(text(f"TRUNCATE {', '.join(names)} RESTART IDENTITY CASCADE"))
 
 
 @pytest.fixture(scope="session")
