@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -19,9 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.waiting import wait_for
+
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 5.0
+STOP_TIMEOUT = 5.0  # then SIGKILL
+# Ports come from below Linux's ephemeral range (32768 and up), so no client connection's local
+# port can take a stopped server's port before it starts again; each is checked free first, and
+# a start that still finds its port taken (a parallel test run chose it too) tries others.
+PORTS = range(20000, 32000)
+START_ATTEMPTS = 5
 
 CONFIG = """\
 base_dir = {root}/run
@@ -113,10 +120,19 @@ def _group_alive(group: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(avoid: tuple[int, ...] = ()) -> int:
+    """A port on 127.0.0.1 outside the ephemeral range that nothing listens on now."""
+    while True:
+        port = random.choice(PORTS)
+        if port in avoid:
+            continue
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Dovecot binds
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 class Dovecot:
@@ -128,10 +144,9 @@ class Dovecot:
 
     def __init__(self, tls: tuple[bytes, bytes] | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="mailintake-dovecot-"))
-        self.port = free_port()
-        self.tls_port = 0
-        while tls and self.tls_port in (0, self.port):
-            self.tls_port = free_port()
+        self.tls = tls
+        self.port = self.tls_port = 0
+        self.started_once = False
         self.process: subprocess.Popen[bytes] | None = None
         if os.geteuid() == 0:
             mail_user = pwd.getpwnam("dovecot")
@@ -149,12 +164,19 @@ class Dovecot:
             (self.root / "tls-cert.pem").write_bytes(tls[0])
             (self.root / "tls-key.pem").write_bytes(tls[1])
         self.config = self.root / "dovecot.conf"
+        self._users = (internal_user, login_user)
+        self._choose_ports()
+
+    def _choose_ports(self) -> None:
+        self.port = free_port()
+        self.tls_port = free_port(avoid=(self.port,)) if self.tls else 0
+        internal_user, login_user = self._users
         self.config.write_text(
             CONFIG.format(
                 root=self.root,
                 port=self.port,
                 tls_port=self.tls_port,
-                ssl=SSL_ON.format(root=self.root) if tls else "ssl = no",
+                ssl=SSL_ON.format(root=self.root) if self.tls else "ssl = no",
                 internal_user=internal_user,
                 login_user=login_user,
                 mail_uid=self.uid,
@@ -166,21 +188,38 @@ class Dovecot:
             users.write(f"{name}:{password}:{self.uid}:{self.gid}::{self.root}/mail/{name}::\n")
 
     def start(self) -> None:
+        """Start and wait until it greets; the first start moves to other ports if its are
+        taken (later starts keep them: clients know them)."""
+        for _attempt in range(START_ATTEMPTS):
+            failure = self._start()
+            if failure is None:
+                self.started_once = True
+                return
+            if self.started_once or "Address already in use" not in failure:
+                break
+            self._choose_ports()
+        raise RuntimeError(f"dovecot did not start on 127.0.0.1:{self.port}: {failure}")
+
+    def _start(self) -> str | None:
+        """None once the server greets; why not if it exits first."""
         self.process = subprocess.Popen(
             [DOVECOT, "-F", "-c", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: stop() ends every child too
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"dovecot exited at start: {self._failure()}")
-            if self._greets():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"dovecot did not answer on 127.0.0.1:{self.port}: {self._failure()}")
+        process = self.process
+        try:
+            wait_for(
+                lambda: process.poll() is not None or self._greets(),
+                f"dovecot to greet on 127.0.0.1:{self.port}",
+            )
+        except AssertionError as exc:
+            self.stop()  # its stderr is closed then: the log tells why
+            return f"{exc}: {self.log()[-2000:]}"
+        if process.poll() is not None:
+            return f"it exited: {self._failure()}"
+        return None
 
     def _greets(self) -> bool:
         try:
@@ -195,8 +234,12 @@ class Dovecot:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def _failure(self) -> str:
+        """What the exited server said on stderr and in its log."""
         pipe = self.process.stderr if self.process else None
-        stderr = pipe.read().decode(errors="replace") if pipe else ""
+        stderr = ""
+        if pipe is not None and not pipe.closed:
+            stderr = pipe.read().decode(errors="replace")
+            pipe.close()
         return (stderr + self.log())[-2000:]
 
     def stop(self) -> None:

@@ -1,5 +1,5 @@
 """Running the service in tests: in a thread (`ServiceThread`) or as a real process
-(`ServeProcess`), and waiting for an outcome with a deadline."""
+(`ServeProcess`). Waiting for an outcome is `wait_for` (from tests/waiting.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from config import Settings
 from pipeline.process import PipelineContext
 from sources.service import Service
+from tests.waiting import WAIT_SECONDS, wait_for
+
+__all__ = ["LISTENING", "ServeProcess", "ServiceThread", "wait_for"]
 
 MAILINTAKE = Path(sys.executable).parent / "mailintake"
 LISTENING = re.compile(r"listening for SMTP on 127\.0\.0\.1:(\d+)")
@@ -52,7 +54,10 @@ class ServeProcess:
         for line in self.proc.stderr:
             self.lines.put(line)
 
-    def wait_for_line(self, pattern: re.Pattern[str], timeout: float = 30) -> re.Match[str]:
+    def wait_for_line(
+        self, pattern: re.Pattern[str], timeout: float = WAIT_SECONDS
+    ) -> re.Match[str]:
+        """The first new line matching `pattern`; the timeout only bounds a hang."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -67,7 +72,7 @@ class ServeProcess:
                 return found
         raise AssertionError(f"no line matching {pattern.pattern!r} in:\n{''.join(self.seen)}")
 
-    def finish(self, timeout: float = 30) -> int:
+    def finish(self, timeout: float = WAIT_SECONDS) -> int:
         code = self.proc.wait(timeout)
         self.reader.join(timeout)  # until end of output
         while not self.lines.empty():
@@ -93,7 +98,7 @@ class ServiceThread:
 
     def start(self) -> ServiceThread:
         self._thread.start()
-        assert self._ready.wait(30), "the service did not start within 30 s"
+        assert self._ready.wait(WAIT_SECONDS), "the service never became ready"
         if self.error is not None:
             raise self.error
         return self
@@ -113,17 +118,10 @@ class ServiceThread:
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
-        assert not self._thread.is_alive(), "the service did not stop within 60 s"
+        self._thread.join(WAIT_SECONDS)
+        assert not self._thread.is_alive(), "the service never stopped"
         if self.error is not None:
             raise self.error
 
     def port(self, name: str = "smtp") -> int:
         return self.service.address(name)[1]
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)

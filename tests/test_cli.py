@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from cli import app
 from storage import db
 from tests.conftest import DATA, corpus_dir
 from tests.mails import simple_mail
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,7 @@ def test_ingest_then_list_and_show_as_json(cli):
     assert (message["status"], message["source"]) == ("ticket", "file")
 
 
+@pytest.mark.slow
 def test_redmine_corpus_ingests_without_loss_and_twice_makes_no_ticket(cli, db_url):
     folder = corpus_dir("redmine")
     files = [p for p in folder.rglob("*") if p.is_file() and p.suffix == ".eml"]
@@ -139,11 +140,12 @@ def test_sigkill_mid_ingest_then_rerun_processes_every_message_once(db_url, tmp_
     env = {**os.environ, "MAILINTAKE_DATABASE__URL": db_url}
     command = [sys.executable, "-c", "import cli; cli.main()", "ingest", str(tmp_path / "big.mbox")]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if scalar_or_zero(db_url, "SELECT count(*) FROM tickets") >= 20:
-            break
-        time.sleep(0.05)
+    wait_for(
+        lambda: (
+            proc.poll() is not None or scalar_or_zero(db_url, "SELECT count(*) FROM tickets") >= 20
+        ),
+        "the first 20 tickets of the ingest to be killed",
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = scalar(db_url, "SELECT count(*) FROM inbound_messages")

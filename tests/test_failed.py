@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -30,6 +29,7 @@ from sources.service import ProcessingWorker
 from storage import db
 from storage.models import Fate, InboundMessage, ProcessingAttempt, Ticket
 from tests.mails import UNFETCHED_REASON, add_unfetched_row, simple_mail
+from tests.waiting import WAIT_SECONDS, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE = Envelope(source="file")
@@ -235,7 +235,7 @@ def test_two_racing_replays_make_one_ticket_per_message(db_url, settings, sessio
     start = threading.Barrier(2)
     runs = [replay_in_thread(db_url, settings, ids, start) for _ in range(2)]
     for thread, _, engine in runs:
-        thread.join(timeout=120)
+        thread.join(timeout=WAIT_SECONDS)
         engine.dispose()
     first, second = (outcomes for _, outcomes, _ in runs)
     assert sorted(first) == sorted(second) == ids
@@ -247,12 +247,13 @@ def test_two_racing_replays_make_one_ticket_per_message(db_url, settings, sessio
     assert tickets == len(ids)
 
 
+@pytest.mark.slow
 def test_two_replay_processes_racing_make_one_ticket_per_message(db_url, settings, sessions):
     ids = [fail_one(settings, sessions, simple_mail(subject=f"proc {n}")) for n in range(30)]
     env = {**os.environ, "MAILINTAKE_DATABASE__URL": db_url, "MAILINTAKE_CONFIG": "/dev/null"}
     argv = [sys.executable, "-c", "import cli; cli.main()", "failed", "replay", "--all", "--json"]
     procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE) for _ in range(2)]
-    summaries = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    summaries = [json.loads(p.communicate(timeout=WAIT_SECONDS)[0]) for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert sum(s["fates"]["ticket"] for s in summaries) == len(ids)
     assert count(sessions, Ticket) == len(ids)
@@ -320,11 +321,11 @@ def test_the_serve_worker_retries_transient_failures_by_itself(db_url, settings,
     worker = ProcessingWorker(PipelineContext(settings, sessions), rescan_seconds=0.05)
     worker.start()
     try:
-        deadline = time.monotonic() + 30
-        while row(sessions, inbound_id).status == "failed" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(
+            lambda: row(sessions, inbound_id).status != "failed", "the transient failure retried"
+        )
     finally:
-        assert worker.stop(timeout=30)
+        assert worker.stop(timeout=WAIT_SECONDS)
     assert row(sessions, inbound_id).status == "ticket"
     assert row(sessions, rule_failure).status == "failed"  # waits for a human
 

@@ -25,6 +25,7 @@ from storage.models import AssignmentCursor, Fate, InboundMessage, Ticket
 from tests.conftest import _truncate_all
 from tests.mails import simple_mail
 from tests.rulesets import incoming, rules_from, write_rules
+from tests.waiting import WAIT_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +141,7 @@ WORKER = textwrap.dedent(
     from storage import db
     from storage.models import Ticket
 
-    url, rules_path, count, start_flag, tag = sys.argv[1:]
+    url, rules_path, count, tag = sys.argv[1:]
     settings = Settings(database={"url": url})
     engine = db.make_engine(url)
     sessions = db.make_session_factory(engine)
@@ -148,8 +149,8 @@ WORKER = textwrap.dedent(
     pipeline = PipelineContext(settings, sessions, RulesRouter(lambda: rules))
     raws = [f"Subject: {tag} {i}\\nMessage-ID: <{tag}-{i}@example.com>\\n\\nbody\\n".encode()
             for i in range(int(count))]
-    while not Path(start_flag).exists():
-        time.sleep(0.01)
+    print("ready", flush=True)
+    sys.stdin.readline()  # the go: both processes are ready, both start now
     ids = [receive(sessions, raw, Envelope(source="file")) for raw in raws]
     fates = [process(pipeline, i) for i in ids]
     with sessions() as session:
@@ -160,6 +161,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_round_robin_is_shared_by_two_processes_on_postgresql(tmp_path, pg_schema_url):
     engine = db.make_engine(pg_schema_url)
@@ -167,18 +169,20 @@ def test_round_robin_is_shared_by_two_processes_on_postgresql(tmp_path, pg_schem
     rules_path = write_rules(
         tmp_path, "rules:\n  - {name: all, when: {always: true}, then: {assignee: sales}}\n"
     )
-    start = tmp_path / "go"
     per_process = 30
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-c", WORKER, pg_schema_url, str(rules_path), str(per_process)]
-    children = [
-        subprocess.Popen([*argv, str(start), tag], cwd=ROOT, env=env, stdout=subprocess.PIPE)
-        for tag in ("a", "b")
-    ]
-    start.touch()  # both processes deliver and route at the same moment
-    results = []
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    children = [subprocess.Popen([*argv, tag], cwd=ROOT, env=env, **pipes) for tag in "ab"]
     for child in children:
-        stdout, _ = child.communicate(timeout=120)
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    results = []
+    for child in children:  # both processes deliver and route at the same moment
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    for child in children:
+        stdout, _ = child.communicate(timeout=WAIT_SECONDS)
         assert child.returncode == 0
         results.append(json.loads(stdout))
     assert all(fate == "ticket" for r in results for fate in r["fates"])

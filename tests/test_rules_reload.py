@@ -4,36 +4,31 @@ up without restart, by file watching (in-process and in a real `mailintake serve
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import signal
 import smtplib
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from ingest.extract import DEFAULT_ZONE
+from rules.load import load_rules
 from rules.reload import RulesHolder, watch_rules
 from storage import db
 from storage.models import Ticket
 from tests.mails import simple_mail
 from tests.rulesets import write_rules
 from tests.servers import LISTENING, ServeProcess
+from tests.waiting import WAIT_SECONDS, wait_for
 
 GOOD = "rules:\n  - {name: to-sato, when: {always: true}, then: {assignee: sato}}\n"
 FIXED = "rules:\n  - {name: to-suzuki, when: {always: true}, then: {assignee: suzuki}}\n"
 BROKEN = "rules:\n  - {name: to-yamada, when: {always: true}, then: {assignee: yamda}}\n"
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def replace_file(path: Path, text: str) -> None:
@@ -71,10 +66,20 @@ def watching(tmp_path) -> Iterator[RulesHolder]:
         target=loop.run_until_complete, args=(watch_rules(holder, stop, debounce_ms=50),)
     )
     thread.start()
-    time.sleep(0.5)  # let the watch start
+    # The watch is live once it has loaded an edit: save harmless ones (a comment) until one is
+    # in force, then wait until the file's last bytes are (no reload of a probe still to come).
+    original, probes = holder.current(), itertools.count()
+
+    def probe_loaded() -> bool:
+        if holder.current() is original:
+            replace_file(holder.path, f"{holder.path.read_text()}# probe {next(probes)}\n")
+            return False
+        return holder.current().version == load_rules(holder.path, DEFAULT_ZONE).version
+
+    wait_for(probe_loaded, "the rules watch to load a saved edit")
     yield holder
     loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
+    thread.join(WAIT_SECONDS)
     loop.close()
     assert not thread.is_alive()
 
@@ -83,10 +88,10 @@ def test_watching_refuses_a_broken_save_then_picks_up_the_fix(watching):
     good = watching.current()
     text = watching.path.read_text()
     replace_file(watching.path, text.replace(GOOD, BROKEN))
-    eventually(lambda: watching.last_error is not None)
+    wait_for(lambda: watching.last_error is not None, "the broken save to be refused")
     assert watching.current() is good
     replace_file(watching.path, text.replace(GOOD, FIXED))
-    eventually(lambda: watching.current().version != good.version)
+    wait_for(lambda: watching.current().version != good.version, "the fix to be loaded")
     assert [r.name for r in watching.current().rules] == ["to-suzuki"]
     assert watching.last_error is None
 
@@ -122,6 +127,7 @@ def test_serve_keeps_old_rules_on_a_broken_edit_and_reloads_the_fix(tmp_path, se
     child = ServeProcess(tmp_path, port=0)
     serve_child.append(child)
     port = int(child.wait_for_line(LISTENING).group(1))
+    child.wait_for_line(re.compile(r"watching .* for rule changes"))
 
     def send(n: int) -> None:
         with smtplib.SMTP("127.0.0.1", port) as client:
