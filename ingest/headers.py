@@ -75,7 +75,7 @@ def identity_of(raw: bytes, sha256: str) -> tuple[str | None, str]:
 def message_id_as_written(raw: bytes) -> str:
     """The Message-ID header as written, for log lines (the ledger keeps the normalised one)."""
     value = raw_header(header_block(raw), "Message-ID")
-    return " ".join(value.split()) if value else "(no Message-ID)"
+    return storable(" ".join(value.split())) if value else "(no Message-ID)"
 
 
 def decoded_headers(raw: bytes) -> list[tuple[str, str]]:

@@ -46,7 +46,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from aiosmtpd.smtp import Session as SmtpSession
 
 from config import SmtpSettings
-from ingest.headers import message_id_as_written
+from ingest.headers import message_id_as_written, storable
 from ingest.mail import Envelope
 from pipeline.attempts import error_line
 from storage.models import Source
@@ -398,8 +398,9 @@ class IntakeSMTP(SMTP):
                     )
                     self.close_with(REPLY_TOO_MANY_COMMANDS)
                     return
-            if text.startswith("5"):
-                log.info("%s %s: refused: %s", self.protocol_name, self.peer_text, text)
+            if text.startswith("5"):  # aiosmtpd's replies may echo the client's bytes
+                shown = storable(text)
+                log.info("%s %s: refused: %s", self.protocol_name, self.peer_text, shown)
             if text[3:4] != "-":
                 self.event_handler.replies[text[:3]] += 1
             await SMTP.push(self, reply)
