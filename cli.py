@@ -825,7 +825,6 @@ def serve(ctx: typer.Context) -> None:
     thread (`thread`). Exits 2 if a listener cannot start (e.g. its port is taken) or the rules
     or templates file is refused, 3 if the database is unavailable.
     """
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start and stop lines
     with runtime(ctx) as rt:
         try:

@@ -75,6 +75,8 @@ def setup(log_format: str, level: int, human_format: str = HUMAN_FORMAT) -> None
     else:
         handler.setFormatter(logging.Formatter(human_format))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # aiosmtpd logs every command at INFO, with the client's bytes: our own lines say what counts.
+    logging.getLogger("mail.log").setLevel(logging.WARNING if level > logging.DEBUG else level)
     _current = log_format
 
 
