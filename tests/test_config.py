@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_config_loads_as_documented():
     settings = load_settings(ROOT / "config.yaml")
-    assert settings.database.url == "sqlite:///./data/mailintake.db"
+    # relative to the config file's folder, whatever the working directory
+    assert settings.database.url == f"sqlite:///{ROOT}/data/mailintake.db"
     assert settings.tickets.key_prefix == "INQ"
 
 
@@ -29,7 +30,7 @@ def test_environment_overrides_nested_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("MAILINTAKE_DATABASE__URL", "sqlite:///x.db")
     monkeypatch.setenv("MAILINTAKE_TICKETS__KEY_PREFIX", "TEL")
     settings = load_settings(path)
-    assert settings.database.url == "sqlite:///x.db"
+    assert settings.database.url == f"sqlite:///{tmp_path}/x.db"  # beside the config file
     assert settings.tickets.key_prefix == "TEL"
     assert settings.tickets.default_priority == "high"  # the file's sibling key survives
 
