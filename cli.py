@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import signal
@@ -16,66 +15,94 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from typer.core import TyperGroup
 
-from config import ConfigError, Settings, load_settings
-from ingest.headers import decoded_headers
-from ingest.intake import receive, unstored_mail
-from ingest.mail import Envelope
-from ingest.parse import UnreadableMail
-from pipeline.context import PipelineContext
-from pipeline.dryrun import DryRouter, diff
-from pipeline.process import process, process_pending
-from pipeline.replay import discard, parse_since, replay, select_failed
-from pipeline.stages import MessageTooLarge, examine
-from rules.engine import CompiledRules, RulesRouter
-from rules.load import RulesError, load_rules
-from rules.reload import RulesHolder, watch_rules
-from sources.files import STDIN, MessageSource
-from sources.imap import Hooks, folder_fetchers, start_fetchers
-from sources.service import ListenerError, Service, serve_until_signalled
-from sources.workers import WorkerPool, WorkerRules
-from storage import db, repo
-from storage.models import Fate, InboundMessage, Source, Stage, utcnow
-from views.mail import explained, parsed_view, rules_summary
-from views.records import attachment_view, failed_view, history_of, message_view, ticket_view
+from storage.states import Fate, Source, Stage
+
+if TYPE_CHECKING:
+    # The rest is imported by the commands that use it, so that `mailintake --help` (and a
+    # command's --help) loads no SQLAlchemy, Alembic, aiosmtpd or imapclient: see docs/cli.md.
+    from rich.progress import Progress
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from config import Settings
+    from pipeline.context import PipelineContext
+    from rules.engine import CompiledRules
+    from rules.reload import RulesHolder
+    from sources.files import MessageSource
+    from storage import repo
+    from storage.models import InboundMessage
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DATABASE = 3
 EX_TEMPFAIL = 75  # sysexits.h; `ingest -` from an MTA pipe: the MTA queues and retries
 
-app = typer.Typer(
-    help="Turn incoming email into tickets.",
+VALUE_NAMES = {"str": "TEXT", "int": "INTEGER", "int range": "INTEGER", "datetime": "TIME"}
+
+
+def readable_metavars(params: list[Any]) -> list[Any]:
+    """Help that names values as words (`--since TEXT`, `PATHS...`), not as Python types
+    (`<str>`, `<list[str]>`), and shows nothing after a flag (Typer writes `<bool>`)."""
+    for param in params:
+        if param.metavar is not None or not hasattr(param, "display_type"):
+            continue
+        if param.param_type_name == "argument":
+            param.metavar = param.name.upper()
+            param.display_type_rich = lambda ctx: None  # the name column says it all
+        elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        else:
+            label = param.display_type(None).strip("<>")
+            choices = "|" in label
+            param.metavar = f"[{label}]" if choices else VALUE_NAMES.get(label, label.upper())
+    return params
+
+
+class Group(TyperGroup):
+    """A command group whose help, and its commands' help, uses `readable_metavars`."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:  # type: ignore[override]
+        return readable_metavars(super().get_params(ctx))
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:  # type: ignore[override]
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and not isinstance(command, Group):
+            readable_metavars(command.get_params(ctx))
+        return command
+
+
+def group(help: str, **options: Any) -> typer.Typer:
+    return typer.Typer(
+        cls=Group, help=help, no_args_is_help=True, rich_markup_mode="markdown", **options
+    )
+
+
+app = group(
+    "Turn incoming email into tickets.",
     epilog="Exit codes: 0 ok; 1 a message failed or a check failed; 2 bad usage or "
     "configuration; 3 database unavailable or schema outdated. See docs/cli.md.",
-    no_args_is_help=True,
 )
-tickets_app = typer.Typer(help="Look at tickets.", no_args_is_help=True)
-messages_app = typer.Typer(help="Look at the ledger of received messages.", no_args_is_help=True)
-db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+tickets_app = group("Look at tickets.")
+messages_app = group("Look at the ledger of received messages.")
+db_app = group("Manage the database schema.")
+failed_app = group("See, export, replay or discard messages that failed.")
+attachments_app = group("List a ticket's attachments (a FAX's PDF) and save them.")
+rules_app = group("Check, try out and compare routing rules.")
+templates_app = group("Try source templates on mails, and draft new ones from samples.")
 app.add_typer(tickets_app, name="tickets")
 app.add_typer(messages_app, name="messages")
 app.add_typer(db_app, name="db")
-failed_app = typer.Typer(
-    help="See, export, replay or discard messages that failed.", no_args_is_help=True
-)
 app.add_typer(failed_app, name="failed")
-attachments_app = typer.Typer(
-    help="List a ticket's attachments (a FAX's PDF) and save them.", no_args_is_help=True
-)
-rules_app = typer.Typer(help="Check, try out and compare routing rules.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
+app.add_typer(templates_app, name="templates")
 app.add_typer(attachments_app, name="attachments")
 
 log = logging.getLogger("mailintake")
@@ -97,6 +124,10 @@ class Runtime:
         """The pipeline, routed by the rules file when `rules.path` is configured. The template
         and rules files are read now, so a bad one stops the command (exit 2) before any mail
         is taken in, rather than failing every message."""
+        from config import ConfigError
+        from pipeline.context import PipelineContext
+        from rules.engine import RulesRouter
+
         holder = self.rules_holder()
         if holder is None:
             ctx = PipelineContext(self.settings, self.sessions)
@@ -111,6 +142,9 @@ class Runtime:
 
     def rules_holder(self) -> RulesHolder | None:
         """The configured rules, loaded once per command; a bad file is a usage error."""
+        from rules.load import RulesError
+        from rules.reload import RulesHolder
+
         path = self.settings.rules.path
         if path is not None and self._rules is None:
             try:
@@ -158,6 +192,8 @@ class CliState:
 
 def settings_of(ctx: typer.Context) -> Settings:
     """The configuration; a bad one is exit 2 with `file:line: key: problem`."""
+    from config import ConfigError, load_settings
+
     state: CliState = ctx.obj
     if state.settings is None:
         try:
@@ -173,6 +209,10 @@ def runtime(
 ) -> Iterator[Runtime]:
     """Engine and sessions for one command; database problems become exit code 3. A
     `read_only` command (a dry run) creates no SQLite file: without one it reads an empty store."""
+    from sqlalchemy.exc import OperationalError
+
+    from storage import db
+
     settings = settings_of(ctx)
     url = settings.database.url
     if read_only and db.missing_sqlite_file(url):
@@ -196,6 +236,14 @@ def runtime(
 
 def progress_bar(label: str) -> Progress:
     """A progress bar on a terminal; silent when stderr is a pipe or a file."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     return Progress(
         TextColumn(label),
         BarColumn(),
@@ -232,6 +280,8 @@ def json_value(value: Any) -> Any:
 
 def display_zone() -> tzinfo:
     """The configured time zone, for times shown to people."""
+    from config import Settings
+
     context = click.get_current_context(silent=True)
     state = context.find_root().obj if context else None
     settings = state.settings if isinstance(state, CliState) else None
@@ -265,6 +315,8 @@ def print_rows(
     title: str, columns: list[str], rows: list[dict[str, Any]], json_output: bool
 ) -> None:
     """A listing: all of each row as JSON for scripts, else the chosen columns as a table."""
+    from rich.table import Table
+
     if json_output:
         print_json(rows)
         return
@@ -288,12 +340,15 @@ def ingest(
     ] = "*",
     json_output: JsonOption = False,
 ) -> None:
-    """Store and process messages from files. Exits 1 if any message failed.
+    """Store and process messages from files.
 
+    Exits 1 if any message failed.
     With `-` alone (an MTA's pipe transport) the exit code follows sysexits: 0 once the message
     is stored (a processing failure then waits in `failed list`), 75 (EX_TEMPFAIL, the MTA
     queues and retries) if it could not be stored, never a code that makes the MTA bounce it.
     """
+    from sources.files import STDIN, MessageSource
+
     from_mta = paths == [STDIN]
     run = IngestRun()
     try:
@@ -327,6 +382,10 @@ class IngestRun:
 
 def ingest_sources(ctx: typer.Context, sources: list[MessageSource], run: IngestRun) -> None:
     """Receive and process every message of `sources`, after any left over by a crash."""
+    from ingest.intake import receive
+    from ingest.mail import Envelope
+    from pipeline.process import process, process_pending
+
     with runtime(ctx) as rt:
         pipeline = rt.pipeline()
         recovered = process_pending(pipeline)
@@ -365,11 +424,15 @@ def fetch(
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Fetch mail from the configured IMAP accounts into tickets: until SIGTERM/SIGINT (with IDLE
-    or polling, as `serve` does), or with --once what is waiting now, then exit.
+    """Fetch mail from the configured IMAP accounts into tickets.
 
-    With --once, exits 1 if a message failed or a folder could not be fetched.
+    Runs until SIGTERM/SIGINT (with IDLE or polling, as `serve` does), or with --once fetches
+    what is waiting now, then exits. With --once, exits 1 if a message failed or a folder could
+    not be fetched.
     """
+    from pipeline.process import process, process_pending
+    from sources.imap import Hooks, folder_fetchers
+
     names = [a.name for a in settings_of(ctx).imap.accounts]
     if not names:
         raise fail("no IMAP accounts configured (imap.accounts in the config)", EXIT_USAGE)
@@ -413,6 +476,9 @@ def fetch(
 def fetch_until_signalled(ctx: typer.Context, account: str | None) -> None:
     """The fetchers of `serve` without its listeners: each message is processed as it is
     committed, in its fetcher's thread; SIGTERM/SIGINT stop them after the message in hand."""
+    from pipeline.process import process, process_pending
+    from sources.imap import start_fetchers
+
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -436,8 +502,21 @@ def parse_file(
     path: Annotated[Path, typer.Argument(help="One message file (.eml).")],
     json_output: JsonOption = False,
 ) -> None:
-    """Show what the pipeline reads from a message file: headers, text, attachments, defects,
-    detected kind and extracted fields. Uses no database."""
+    """Show what the pipeline reads from a message file.
+
+    Prints the headers, text, attachments, defects, detected kind and extracted fields. Uses no
+    database."""
+    from sqlalchemy.orm import sessionmaker
+
+    from config import ConfigError
+    from ingest.intake import unstored_mail
+    from ingest.mail import Envelope
+    from ingest.parse import UnreadableMail
+    from pipeline.context import PipelineContext
+    from pipeline.stages import MessageTooLarge, examine
+    from storage.models import utcnow
+    from views.mail import parsed_view
+
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -479,6 +558,9 @@ def tickets_list(
     json_output: JsonOption = False,
 ) -> None:
     """List tickets, newest first."""
+    from storage import repo
+    from views.records import ticket_view
+
     with runtime(ctx) as rt, rt.sessions() as session:
         tickets = [ticket_view(t) for t in repo.list_tickets(session, limit, status)]
     columns = ["key", "created_at", "source_kind", "category", "assignee", "priority", "subject"]
@@ -492,6 +574,9 @@ def tickets_show(
     json_output: JsonOption = False,
 ) -> None:
     """Show one ticket with its body, comments and attachments."""
+    from storage import repo
+    from views.records import attachment_view, ticket_view
+
     with runtime(ctx) as rt, rt.sessions() as session:
         ticket = repo.ticket_by_key(session, key)
         if ticket is None:
@@ -529,6 +614,9 @@ def attachments_list(
     json_output: JsonOption = False,
 ) -> None:
     """List the attachments of a ticket and of its comments, with the ids `save` takes."""
+    from storage import repo
+    from views.records import attachment_view
+
     with runtime(ctx) as rt, rt.sessions() as session:
         ticket = repo.ticket_by_key(session, key)
         if ticket is None:
@@ -550,6 +638,8 @@ def attachments_save(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Save an attachment's exact bytes to a file."""
+    from storage import repo
+
     with runtime(ctx) as rt, rt.sessions() as session:
         found = repo.attachment_content(session, attachment_id)
     if found is None:
@@ -576,6 +666,10 @@ def messages_list(
     json_output: JsonOption = False,
 ) -> None:
     """List received messages and their fate, newest first."""
+    from pipeline.replay import parse_since
+    from storage import repo
+    from views.records import message_view
+
     try:
         start = parse_since(since, settings_of(ctx).zone) if since else None
     except ValueError as exc:
@@ -594,6 +688,9 @@ def messages_show(
     json_output: JsonOption = False,
 ) -> None:
     """Show the fate of one message ("did my mail arrive?")."""
+    from storage import repo
+    from views.records import history_of, message_view
+
     with runtime(ctx) as rt, rt.sessions() as session:
         message = repo.message_by_id_or_message_id(session, ref)
         if message is None:
@@ -625,6 +722,9 @@ def failed_filter(
     error: str | None,
     source: str | None,
 ) -> repo.FailedFilter:
+    from pipeline.replay import parse_since
+    from storage import repo
+
     try:
         moment = parse_since(since, settings_of(ctx).zone) if since else None
     except ValueError as exc:
@@ -633,6 +733,8 @@ def failed_filter(
 
 
 def ledger_message(session: Session, ref: str) -> InboundMessage:
+    from storage import repo
+
     message = repo.message_by_id_or_message_id(session, ref)
     if message is None:
         raise fail(f"no message {ref} in the ledger", EXIT_FAILED)
@@ -650,6 +752,9 @@ def failed_list(
     json_output: JsonOption = False,
 ) -> None:
     """List failed messages, newest first."""
+    from storage import repo
+    from views.records import failed_view
+
     wanted = failed_filter(ctx, since, stage, error, source)
     with runtime(ctx) as rt, rt.sessions() as session:
         found = repo.failed_with_head(session, wanted, limit, HEADER_BYTES)
@@ -665,6 +770,9 @@ def failed_show(
     json_output: JsonOption = False,
 ) -> None:
     """Show a message's envelope, headers, full error with traceback, and attempts history."""
+    from ingest.headers import decoded_headers
+    from views.records import history_of, message_view
+
     with runtime(ctx) as rt, rt.sessions() as session:
         message = ledger_message(session, ref)
         view = message_view(message) | {
@@ -692,7 +800,7 @@ def failed_export(
         Path | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
     ] = None,
 ) -> None:
-    """Write a message's exact raw bytes, e.g. to make a test case."""
+    """Write a message's exact raw bytes, for example to make a test case."""
     with runtime(ctx) as rt, rt.sessions() as session:
         message = ledger_message(session, ref)
         inbound_id, raw = message.id, message.raw
@@ -722,7 +830,12 @@ def failed_replay(
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Run failed messages through today's code and rules. Exits 1 if any still fail."""
+    """Run failed messages through today's code and rules.
+
+    Exits 1 if any still fail."""
+    from pipeline.replay import replay, select_failed
+    from storage import repo
+
     selecting = all_failed or any(f is not None for f in (since, stage, error, source))
     if bool(ids) == selecting:
         raise fail(
@@ -779,8 +892,11 @@ def failed_discard(
     reason: Annotated[str, typer.Option(help="Why they need no replay (kept for audit).")],
     json_output: JsonOption = False,
 ) -> None:
-    """Mark failed messages handled; the row and its raw bytes stay. Exits 1 if an id is not
-    a failed message."""
+    """Mark failed messages handled without replaying them.
+
+    The row and its raw bytes stay. Exits 1 if an id is not a failed message."""
+    from pipeline.replay import discard
+
     if not reason.strip():
         raise fail("--reason must say why the messages are discarded", EXIT_USAGE)
     with runtime(ctx) as rt:
@@ -809,6 +925,12 @@ def serve(ctx: typer.Context) -> None:
     thread (`thread`). Exits 2 if a listener cannot start (e.g. its port is taken) or the rules
     or templates file is refused, 3 if the database is unavailable.
     """
+    import asyncio
+
+    from rules.reload import watch_rules
+    from sources.service import ListenerError, Service, serve_until_signalled
+    from sources.workers import WorkerPool, WorkerRules
+
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
     with runtime(ctx) as rt:
         try:
@@ -846,6 +968,8 @@ def load_rules_or_exit(
     ctx: typer.Context, path: Path, code: int = EXIT_FAILED, *, json_output: bool = False
 ) -> CompiledRules:
     """The compiled rules, or every problem (on stderr, or as JSON on stdout) and exit `code`."""
+    from rules.load import RulesError, load_rules
+
     try:
         return load_rules(path, settings_of(ctx).zone)
     except RulesError as exc:
@@ -865,7 +989,11 @@ def rules_check(
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Validate a rules file and summarise it. Exits 1 if it has errors (warnings do not)."""
+    """Validate a rules file and summarise it.
+
+    Exits 1 if it has errors (warnings do not)."""
+    from views.mail import rules_summary
+
     rules = load_rules_or_exit(ctx, configured_rules_path(ctx, path), json_output=json_output)
     summary = {"ok": True, **rules_summary(rules)}
     if json_output:
@@ -910,8 +1038,15 @@ def rules_test(
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Route mails with the real parser and rules, writing nothing, and explain every rule:
-    whether it matched and, if not, which condition failed; then the decision."""
+    """Route mails with the real parser and rules, writing nothing.
+
+    Explains every rule (whether it matched and, if not, which condition failed), then the
+    decision."""
+    from ingest.intake import unstored_mail
+    from ingest.mail import Envelope
+    from pipeline.dryrun import DryRouter
+    from views.mail import explained
+
     rules = load_rules_or_exit(ctx, configured_rules_path(ctx, rules_file))
     moment = received_at or datetime.now(UTC)
     moment = moment if moment.tzinfo else moment.replace(tzinfo=settings_of(ctx).zone)
@@ -944,8 +1079,13 @@ def rules_diff(
     ] = "7d",
     json_output: JsonOption = False,
 ) -> None:
-    """Replay recent stored mails through the current and the new rules and list those whose
-    fate, category, assignee or priority would change. Nothing is written."""
+    """List the stored mails that a new rules file would route differently.
+
+    Replays recent mails through the current and the new rules and shows those whose fate,
+    category, assignee or priority would change. Nothing is written."""
+    from pipeline.dryrun import diff
+    from pipeline.replay import parse_since
+
     try:
         start = parse_since(since, settings_of(ctx).zone)
     except ValueError as exc:
@@ -982,6 +1122,8 @@ def rules_diff(
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Create or migrate the database schema to this version."""
+    from storage import db
+
     with runtime(ctx, migrate=False) as rt:
         db.upgrade(rt.engine)
         out.print(f"database at revision {db.current_revision(rt.engine)}")

@@ -43,7 +43,7 @@ from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.retry import backoff_delay
 from storage import repo
-from storage.models import Source
+from storage.states import Source
 
 log = logging.getLogger(__name__)
 
