@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from config import Settings
+    from ingest.extract import Template
     from pipeline.context import PipelineContext
     from rules.engine import CompiledRules
     from rules.reload import RulesHolder
@@ -1117,6 +1118,133 @@ def rules_diff(
     ]
     title = f"would change ({len(rows)} of {replayed} since {readable(start)})"
     print_rows(title, ["inbound_id", "ticket", "subject", "changes"], shown, json_output=False)
+
+
+TemplatesFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--templates", help="Templates file to use (default: templates.path from the config)."
+    ),
+]
+MailFilesArgument = Annotated[list[Path], typer.Argument(help="Message files (.eml).")]
+
+
+def templates_or_exit(ctx: typer.Context, given: Path | None) -> list[Template]:
+    """The templates of `given` or of the config; a refused file is exit 2 with its problems."""
+    from config import ConfigError
+    from ingest.extract import load_templates
+
+    chosen = settings_of(ctx).templates
+    path = given or chosen.path
+    try:
+        return load_templates(path, required=given is not None or "path" in chosen.model_fields_set)
+    except ConfigError as exc:
+        raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
+
+
+def parsed_files(files: list[Path]) -> list[tuple[Path, Any]]:
+    """Each file and its `ParsedMail`; an unreadable file is exit 2."""
+    from ingest.parse import UnreadableMail, parse
+
+    parsed = []
+    for path in files:
+        try:
+            parsed.append((path, parse(path.read_bytes())))
+        except OSError as exc:
+            raise fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_USAGE) from exc
+        except UnreadableMail as exc:
+            raise fail(f"{path}: {exc}", EXIT_USAGE) from exc
+    return parsed
+
+
+@templates_app.command("test")
+def templates_test(
+    ctx: typer.Context,
+    files: MailFilesArgument,
+    templates_file: TemplatesFileOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show which template each mail matches and every field it finds or misses.
+
+    Uses no database. For each template, says which match conditions (sender, subject, body)
+    the mail meets; for the template that matched, lists each field spec with the value found
+    (as written and typed) or `missed`. Exits 1 if a mail matches no template.
+    """
+    from ingest.extract import explain_templates
+
+    templates = templates_or_exit(ctx, templates_file)
+    zone = settings_of(ctx).zone
+    results = [
+        {"file": str(path), "subject": mail.subject, "from": mail.from_email}
+        | explain_templates(templates, mail, zone)
+        for path, mail in parsed_files(files)
+    ]
+    if json_output:
+        print_json(results)
+    else:
+        for result in results:
+            print_template_test(result)
+    if any(result["template"] is None for result in results):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def print_template_test(result: dict[str, Any]) -> None:
+    say = partial(out.print, highlight=False, soft_wrap=True)
+    say(f"[bold]{escape(result['file'])}[/bold] {escape(result['subject'])}")
+    say(f"  from: {result['from'] or '-'}", markup=False)
+    for tried in result["tried"]:
+        checks = ", ".join(f"{k} {'✓' if ok else '✗'}" for k, ok in tried["conditions"].items())
+        chosen = tried["template"] == result["template"]
+        mark = "[green]✓ matched[/green]" if chosen else "[dim]✗ not matched[/dim]"
+        say(f"  {mark} {escape(tried['template'])} ({checks})")
+    if result["template"] is None:
+        say("  → no template matched: a plain email ticket (From is the requester)\n")
+        return
+    say(f"  → template {escape(result['template'])}, source_kind {result['source_kind']}")
+    for spec in result["fields"]:
+        if not spec["found"]:
+            say(f"    [yellow]✗ {spec['key']}[/yellow] missed ({spec['by']}, {spec['type']})")
+            continue
+        typed = {k: v for k, v in spec["values"].items() if v != spec["written"]}
+        extra = f" → {readable(typed)}" if typed else ""
+        written = escape(spec["written"].replace("\n", " ⏎ "))
+        say(f"    [green]✓ {spec['key']}[/green]: {written}{escape(extra)}")
+    requester = {k: v for k, v in result["requester"].items() if v}
+    say(f"  requester: {escape(readable(requester) if requester else '-')}\n")
+
+
+@templates_app.command("suggest")
+def templates_suggest(
+    ctx: typer.Context,
+    files: MailFilesArgument,
+    name: Annotated[
+        str | None, typer.Option(help="The template's name (default: from the sender's domain).")
+    ] = None,
+    templates_file: TemplatesFileOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Draft a template from a few sample mails of one sender, for a person to review.
+
+    Takes the labelled lines the samples share (`お名前：...`), typed where every value reads as
+    a phone number, a time or an email address; a label an existing template knows keeps that
+    template's field key (so it fills the same requester column). Prints YAML to add to the
+    templates file. Uses no database. Exits 1 if the samples share no labelled line.
+    """
+    from ingest.suggest import as_yaml, suggest_template
+
+    known = templates_or_exit(ctx, templates_file)
+    mails = [mail for _path, mail in parsed_files(files)]
+    draft = suggest_template(mails, known, name)
+    text = as_yaml(draft, len(mails))
+    if json_output:
+        print_json({"samples": len(mails), "template": draft, "yaml": text})
+    else:
+        sys.stdout.write(text)
+    if len({s for m in mails if (s := (m.from_email or "").rpartition("@")[2])}) > 1:
+        err.print("[yellow]warning:[/yellow] the samples come from more than one domain")
+    if not draft["fields"]:
+        err.print(f"[red]error:[/red] the {len(mails)} mails share no labelled line")
+        raise typer.Exit(EXIT_FAILED)
 
 
 @db_app.command("upgrade")

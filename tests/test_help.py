@@ -23,6 +23,8 @@ COMMANDS = [
     ["failed", "list"],
     ["messages", "list"],
     ["rules", "test"],
+    ["templates", "test"],
+    ["templates", "suggest"],
 ]
 
 
