@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ingest.extract import Template
     from pipeline.context import PipelineContext
     from rules.engine import CompiledRules
-    from rules.reload import RulesHolder
+    from rules.reload import Reloadable, RulesHolder, TemplatesHolder
     from sources.files import MessageSource
     from storage import repo
     from storage.models import InboundMessage
@@ -120,12 +120,12 @@ class Runtime:
     engine: Engine
     sessions: sessionmaker[Session]
     _rules: RulesHolder | None = field(default=None, init=False, repr=False)
+    _templates: TemplatesHolder | None = field(default=None, init=False, repr=False)
 
     def pipeline(self) -> PipelineContext:
         """The pipeline, routed by the rules file when `rules.path` is configured. The template
         and rules files are read now, so a bad one stops the command (exit 2) before any mail
         is taken in, rather than failing every message."""
-        from config import ConfigError
         from pipeline.context import PipelineContext
         from rules.engine import RulesRouter
 
@@ -135,11 +135,22 @@ class Runtime:
         else:
             router = RulesRouter(holder.current)
             ctx = PipelineContext(self.settings, self.sessions, router)
-        try:
-            ctx.source_templates()
-        except ConfigError as exc:
-            raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
+        ctx.template_source = self.templates_holder().current
         return ctx
+
+    def templates_holder(self) -> TemplatesHolder:
+        """The configured templates, loaded once per command; a bad file is a usage error."""
+        from config import ConfigError
+        from rules.reload import TemplatesHolder
+
+        if self._templates is None:
+            chosen = self.settings.templates
+            required = "path" in chosen.model_fields_set
+            try:
+                self._templates = TemplatesHolder.load(chosen.path, required=required)
+            except ConfigError as exc:
+                raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
+        return self._templates
 
     def rules_holder(self) -> RulesHolder | None:
         """The configured rules, loaded once per command; a bad file is a usage error."""
@@ -928,25 +939,26 @@ def serve(ctx: typer.Context) -> None:
     """
     import asyncio
 
-    from rules.reload import watch_rules
+    from rules.reload import watch_files
     from sources.service import ListenerError, Service, serve_until_signalled
-    from sources.workers import WorkerPool, WorkerRules
+    from sources.workers import WorkerPool, WorkerRules, WorkerTemplates
 
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
     with runtime(ctx) as rt:
         try:
             pipeline = rt.pipeline()  # a bad rules or templates file stops here (exit 2)
-            holder = rt.rules_holder()
+            holder, templates = rt.rules_holder(), rt.templates_holder()
+            watched: list[Reloadable]
             if rt.settings.processing.mode == "thread":
                 service = Service(rt.settings, pipeline)
-                if holder is not None:
-                    service.add_task("rules-reload", partial(watch_rules, holder))
+                watched = [h for h in (holder, templates) if h is not None]
             else:
-                workers = WorkerPool(rt.settings, holder)
+                workers = WorkerPool(rt.settings, holder, templates)
                 service = Service(rt.settings, pipeline, workers)
+                watched = [WorkerTemplates(templates, workers)]
                 if holder is not None:
-                    watched = WorkerRules(holder, workers)
-                    service.add_task("rules-reload", partial(watch_rules, watched))
+                    watched.insert(0, WorkerRules(holder, workers))
+            service.add_task("reload", partial(watch_files, watched))
             asyncio.run(serve_until_signalled(service))
         except ListenerError as exc:
             raise fail(str(exc), EXIT_USAGE) from exc

@@ -15,6 +15,7 @@ backtracks, and one hostile line made it quadratic (a minute for 30 KB of spaces
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import unicodedata
 from datetime import date, datetime, tzinfo
@@ -158,11 +159,20 @@ def load_templates(path: Path, *, required: bool = True) -> list[Template]:
     """Templates from a YAML file. A bad file raises ConfigError saying `file:line:column:
     dotted.key: problem` for each problem; so does a missing one, unless not `required` (the
     default path, never configured), which means no templates."""
+    return read_templates(path, required=required)[0]
+
+
+NO_FILE = "none"  # the version of the templates when there is no file
+
+
+def read_templates(path: Path, *, required: bool = True) -> tuple[list[Template], str]:
+    """`load_templates`, and the version of what was read: the sha256 of the file's bytes (or
+    `none` when an optional file is absent)."""
     if not path.exists() and not required:
         log.warning("no templates file at %s: template fields will not be extracted", path)
-        return []
-    model, _ = load_yaml_model(path, TemplateFile)
-    return model.templates
+        return [], NO_FILE
+    model, source = load_yaml_model(path, TemplateFile)
+    return model.templates, hashlib.sha256(source.raw).hexdigest()
 
 
 def _split_label(line: str) -> list[tuple[str, str]]:
