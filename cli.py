@@ -10,7 +10,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from functools import partial
@@ -246,8 +246,16 @@ def runtime(
         engine.dispose()
 
 
-def progress_bar(label: str) -> Progress:
-    """A progress bar on a terminal; silent when stderr is a pipe or a file."""
+@contextmanager
+def progress_bar(label: str) -> Iterator[Progress]:
+    """A progress bar on a terminal; silent when stderr is a pipe or a file.
+
+    While the bar is shown, log lines go through the bar's console, above it, instead of being
+    written over it: Rich replaces sys.stderr with a proxy for the live display, and the log
+    handlers that write to stderr are pointed at that proxy until the bar ends (they keep their
+    level and format, whatever `main_options` configured). Lowering the level to WARNING
+    instead would hide the INFO lines people watch during a long backfill.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -256,7 +264,7 @@ def progress_bar(label: str) -> Progress:
         TimeRemainingColumn,
     )
 
-    return Progress(
+    bar = Progress(
         TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
@@ -264,6 +272,26 @@ def progress_bar(label: str) -> Progress:
         console=err,
         disable=not err.is_terminal,
     )
+    with bar, logs_through(sys.stderr) if err.is_terminal else nullcontext():
+        yield bar
+
+
+@contextmanager
+def logs_through(stream: Any) -> Iterator[None]:
+    """Point the root logger's stderr handlers at `stream` (the bar's stderr proxy) for a while."""
+    moved = [
+        (handler, handler.stream)
+        for handler in logging.getLogger().handlers
+        if isinstance(handler, logging.StreamHandler)
+        and handler.stream is getattr(stream, "rich_proxied_file", None)
+    ]
+    for handler, _old in moved:
+        handler.setStream(stream)
+    try:
+        yield
+    finally:
+        for handler, old in moved:
+            handler.setStream(old)
 
 
 def print_history(history: list[dict[str, Any]]) -> None:

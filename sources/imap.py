@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import ImapAccount, Settings
-from ingest.headers import first_message_id
+from ingest.headers import first_message_id, message_id_as_written
 from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.retry import backoff_delay
@@ -313,6 +313,8 @@ class FolderFetcher:
         """Fetch, wait for news, fetch again, until `stop` is set; never raises."""
         self._last_success = time.monotonic()
         self._stop = stop
+        mode = "IDLE" if self.imap.idle else f"poll every {self.imap.poll_interval_seconds:g} s"
+        log.info("imap %s: fetcher started on %s, %s", self.label, self.server, mode)
         failures = 0  # in a row: a sync starts the backoff over
         while not stop.is_set():
             try:
@@ -512,6 +514,10 @@ class FolderFetcher:
     def _receive(self, uid: int, raw: bytes) -> None:
         envelope = Envelope(source=Source.IMAP, peer=self.server, extra=self._envelope(uid))
         inbound_id = receive(self.sessions, raw, envelope)
+        message_id = message_id_as_written(raw) or "(no Message-ID)"
+        log.info(
+            "imap %s: uid %s stored as ledger id %s, %s", self.label, uid, inbound_id, message_id
+        )
         try:
             self.hooks.received(inbound_id)
         except Exception:
