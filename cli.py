@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import logging
@@ -12,72 +11,101 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from typer.core import TyperGroup
 
-from config import ConfigError, Settings, load_settings
-from ingest.headers import decoded_headers
-from ingest.intake import receive, unstored_mail
-from ingest.mail import Envelope
-from ingest.parse import UnreadableMail
-from pipeline.context import PipelineContext
-from pipeline.dryrun import DryRouter, diff
-from pipeline.process import process, process_pending
-from pipeline.replay import discard, parse_since, replay, select_failed
-from pipeline.stages import MessageTooLarge, examine
-from rules.engine import CompiledRules, RulesRouter
-from rules.load import RulesError, load_rules
-from rules.reload import RulesHolder, watch_rules
 from sources import logs
-from sources.files import STDIN, MessageSource
-from sources.imap import Hooks, folder_fetchers, start_fetchers
-from sources.service import ListenerError, Service, serve_until_signalled
-from sources.workers import WorkerPool, WorkerRules
-from storage import db, repo
-from storage.models import Fate, InboundMessage, Source, Stage, utcnow
-from views.mail import explained, parsed_view, rules_summary
-from views.records import attachment_view, failed_view, history_of, message_view, ticket_view
+from storage.states import Fate, Source, Stage
+
+if TYPE_CHECKING:
+    # The rest is imported by the commands that use it, so that `mailintake --help` (and a
+    # command's --help) loads no SQLAlchemy, Alembic, aiosmtpd or imapclient: see docs/cli.md.
+    from rich.progress import Progress
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from config import Settings
+    from ingest.extract import Template
+    from pipeline.context import PipelineContext
+    from rules.engine import CompiledRules
+    from rules.reload import Reloadable, RulesHolder, TemplatesHolder
+    from sources.files import MessageSource
+    from storage import repo
+    from storage.models import InboundMessage
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DATABASE = 3
 EX_TEMPFAIL = 75  # sysexits.h; `ingest -` from an MTA pipe: the MTA queues and retries
 
-app = typer.Typer(
-    help="Turn incoming email into tickets.",
+VALUE_NAMES = {"str": "TEXT", "int": "INTEGER", "int range": "INTEGER", "datetime": "TIME"}
+
+
+def readable_metavars(params: list[Any]) -> list[Any]:
+    """Help that names values as words (`--since TEXT`, `PATHS...`), not as Python types
+    (`<str>`, `<list[str]>`), and shows nothing after a flag (Typer writes `<bool>`)."""
+    for param in params:
+        if param.metavar is not None or not hasattr(param, "display_type"):
+            continue
+        if param.param_type_name == "argument":
+            param.metavar = param.name.upper()
+            param.display_type_rich = lambda ctx: None  # the name column says it all
+        elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        else:
+            label = param.display_type(None).strip("<>")
+            choices = "|" in label
+            param.metavar = f"[{label}]" if choices else VALUE_NAMES.get(label, label.upper())
+    return params
+
+
+class Group(TyperGroup):
+    """A command group whose help, and its commands' help, uses `readable_metavars`."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:  # type: ignore[override]
+        return readable_metavars(super().get_params(ctx))
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:  # type: ignore[override]
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and not isinstance(command, Group):
+            readable_metavars(command.get_params(ctx))
+        return command
+
+
+def group(help: str, **options: Any) -> typer.Typer:
+    return typer.Typer(
+        cls=Group, help=help, no_args_is_help=True, rich_markup_mode="markdown", **options
+    )
+
+
+app = group(
+    "Turn incoming email into tickets.",
     epilog="Exit codes: 0 ok; 1 a message failed or a check failed; 2 bad usage or "
     "configuration; 3 database unavailable or schema outdated. See docs/cli.md.",
-    no_args_is_help=True,
 )
-tickets_app = typer.Typer(help="Look at tickets.", no_args_is_help=True)
-messages_app = typer.Typer(help="Look at the ledger of received messages.", no_args_is_help=True)
-db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+tickets_app = group("Look at tickets.")
+messages_app = group("Look at the ledger of received messages.")
+db_app = group("Manage the database schema.")
+failed_app = group("See, export, replay or discard messages that failed.")
+attachments_app = group("List a ticket's attachments (a FAX's PDF) and save them.")
+rules_app = group("Check, try out and compare routing rules.")
+templates_app = group("Try source templates on mails, and draft new ones from samples.")
 app.add_typer(tickets_app, name="tickets")
 app.add_typer(messages_app, name="messages")
 app.add_typer(db_app, name="db")
-failed_app = typer.Typer(
-    help="See, export, replay or discard messages that failed.", no_args_is_help=True
-)
 app.add_typer(failed_app, name="failed")
-attachments_app = typer.Typer(
-    help="List a ticket's attachments (a FAX's PDF) and save them.", no_args_is_help=True
-)
-rules_app = typer.Typer(help="Check, try out and compare routing rules.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
+app.add_typer(templates_app, name="templates")
 app.add_typer(attachments_app, name="attachments")
 
 log = logging.getLogger("mailintake")
@@ -100,25 +128,43 @@ class Runtime:
     engine: Engine
     sessions: sessionmaker[Session]
     _rules: RulesHolder | None = field(default=None, init=False, repr=False)
+    _templates: TemplatesHolder | None = field(default=None, init=False, repr=False)
 
     def pipeline(self) -> PipelineContext:
         """The pipeline, routed by the rules file when `rules.path` is configured. The template
         and rules files are read now, so a bad one stops the command (exit 2) before any mail
         is taken in, rather than failing every message."""
+        from pipeline.context import PipelineContext
+        from rules.engine import RulesRouter
+
         holder = self.rules_holder()
         if holder is None:
             ctx = PipelineContext(self.settings, self.sessions)
         else:
             router = RulesRouter(holder.current)
             ctx = PipelineContext(self.settings, self.sessions, router)
-        try:
-            ctx.source_templates()
-        except ConfigError as exc:
-            raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
+        ctx.template_source = self.templates_holder().current
         return ctx
+
+    def templates_holder(self) -> TemplatesHolder:
+        """The configured templates, loaded once per command; a bad file is a usage error."""
+        from config import ConfigError
+        from rules.reload import TemplatesHolder
+
+        if self._templates is None:
+            chosen = self.settings.templates
+            required = "path" in chosen.model_fields_set
+            try:
+                self._templates = TemplatesHolder.load(chosen.path, required=required)
+            except ConfigError as exc:
+                raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
+        return self._templates
 
     def rules_holder(self) -> RulesHolder | None:
         """The configured rules, loaded once per command; a bad file is a usage error."""
+        from rules.load import RulesError
+        from rules.reload import RulesHolder
+
         path = self.settings.rules.path
         if path is not None and self._rules is None:
             try:
@@ -172,6 +218,8 @@ class CliState:
 
 def settings_of(ctx: typer.Context) -> Settings:
     """The configuration; a bad one is exit 2 with `file:line: key: problem`."""
+    from config import ConfigError, load_settings
+
     state: CliState = ctx.obj
     if state.settings is None:
         try:
@@ -189,6 +237,10 @@ def runtime(
 ) -> Iterator[Runtime]:
     """Engine and sessions for one command; database problems become exit code 3. A
     `read_only` command (a dry run) creates no SQLite file: without one it reads an empty store."""
+    from sqlalchemy.exc import OperationalError
+
+    from storage import db
+
     settings = settings_of(ctx)
     url = settings.database.url
     if read_only and db.missing_sqlite_file(url):
@@ -210,9 +262,25 @@ def runtime(
         engine.dispose()
 
 
-def progress_bar(label: str) -> Progress:
-    """A progress bar on a terminal; silent when stderr is a pipe or a file."""
-    return Progress(
+@contextmanager
+def progress_bar(label: str) -> Iterator[Progress]:
+    """A progress bar on a terminal; silent when stderr is a pipe or a file.
+
+    While the bar is shown, log lines go through the bar's console, above it, instead of being
+    written over it: Rich replaces sys.stderr with a proxy for the live display, and the log
+    handlers that write to stderr are pointed at that proxy until the bar ends (they keep their
+    level and format, whatever `main_options` configured). Lowering the level to WARNING
+    instead would hide the INFO lines people watch during a long backfill.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
         TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
@@ -220,6 +288,26 @@ def progress_bar(label: str) -> Progress:
         console=err,
         disable=not err.is_terminal,
     )
+    with bar, logs_through(sys.stderr) if err.is_terminal else nullcontext():
+        yield bar
+
+
+@contextmanager
+def logs_through(stream: Any) -> Iterator[None]:
+    """Point the root logger's stderr handlers at `stream` (the bar's stderr proxy) for a while."""
+    moved = [
+        (handler, handler.stream)
+        for handler in logging.getLogger().handlers
+        if isinstance(handler, logging.StreamHandler)
+        and handler.stream is getattr(stream, "rich_proxied_file", None)
+    ]
+    for handler, _old in moved:
+        handler.setStream(stream)
+    try:
+        yield
+    finally:
+        for handler, old in moved:
+            handler.setStream(old)
 
 
 def print_history(history: list[dict[str, Any]]) -> None:
@@ -248,6 +336,8 @@ def json_value(value: Any) -> Any:
 
 def display_zone() -> tzinfo:
     """The configured time zone, for times shown to people."""
+    from config import Settings
+
     context = click.get_current_context(silent=True)
     state = context.find_root().obj if context else None
     settings = state.settings if isinstance(state, CliState) else None
@@ -281,6 +371,8 @@ def print_rows(
     title: str, columns: list[str], rows: list[dict[str, Any]], json_output: bool
 ) -> None:
     """A listing: all of each row as JSON for scripts, else the chosen columns as a table."""
+    from rich.table import Table
+
     if json_output:
         print_json(rows)
         return
@@ -304,12 +396,15 @@ def ingest(
     ] = "*",
     json_output: JsonOption = False,
 ) -> None:
-    """Store and process messages from files. Exits 1 if any message failed.
+    """Store and process messages from files.
 
+    Exits 1 if any message failed.
     With `-` alone (an MTA's pipe transport) the exit code follows sysexits: 0 once the message
     is stored (a processing failure then waits in `failed list`), 75 (EX_TEMPFAIL, the MTA
     queues and retries) if it could not be stored, never a code that makes the MTA bounce it.
     """
+    from sources.files import STDIN, MessageSource
+
     from_mta = paths == [STDIN]
     run = IngestRun()
     try:
@@ -343,6 +438,10 @@ class IngestRun:
 
 def ingest_sources(ctx: typer.Context, sources: list[MessageSource], run: IngestRun) -> None:
     """Receive and process every message of `sources`, after any left over by a crash."""
+    from ingest.intake import receive
+    from ingest.mail import Envelope
+    from pipeline.process import process, process_pending
+
     with runtime(ctx) as rt:
         pipeline = rt.pipeline()
         recovered = process_pending(pipeline)
@@ -381,11 +480,15 @@ def fetch(
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Fetch mail from the configured IMAP accounts into tickets: until SIGTERM/SIGINT (with IDLE
-    or polling, as `serve` does), or with --once what is waiting now, then exit.
+    """Fetch mail from the configured IMAP accounts into tickets.
 
-    With --once, exits 1 if a message failed or a folder could not be fetched.
+    Runs until SIGTERM/SIGINT (with IDLE or polling, as `serve` does), or with --once fetches
+    what is waiting now, then exits. With --once, exits 1 if a message failed or a folder could
+    not be fetched.
     """
+    from pipeline.process import process, process_pending
+    from sources.imap import Hooks, folder_fetchers
+
     names = [a.name for a in settings_of(ctx).imap.accounts]
     if not names:
         raise fail("no IMAP accounts configured (imap.accounts in the config)", EXIT_USAGE)
@@ -429,6 +532,9 @@ def fetch(
 def fetch_until_signalled(ctx: typer.Context, account: str | None) -> None:
     """The fetchers of `serve` without its listeners: each message is processed as it is
     committed, in its fetcher's thread; SIGTERM/SIGINT stop them after the message in hand."""
+    from pipeline.process import process, process_pending
+    from sources.imap import start_fetchers
+
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -452,8 +558,21 @@ def parse_file(
     path: Annotated[Path, typer.Argument(help="One message file (.eml).")],
     json_output: JsonOption = False,
 ) -> None:
-    """Show what the pipeline reads from a message file: headers, text, attachments, defects,
-    detected kind and extracted fields. Uses no database."""
+    """Show what the pipeline reads from a message file.
+
+    Prints the headers, text, attachments, defects, detected kind and extracted fields. Uses no
+    database."""
+    from sqlalchemy.orm import sessionmaker
+
+    from config import ConfigError
+    from ingest.intake import unstored_mail
+    from ingest.mail import Envelope
+    from ingest.parse import UnreadableMail
+    from pipeline.context import PipelineContext
+    from pipeline.stages import MessageTooLarge, examine
+    from storage.models import utcnow
+    from views.mail import parsed_view
+
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -495,6 +614,9 @@ def tickets_list(
     json_output: JsonOption = False,
 ) -> None:
     """List tickets, newest first."""
+    from storage import repo
+    from views.records import ticket_view
+
     with runtime(ctx) as rt, rt.sessions() as session:
         tickets = [ticket_view(t) for t in repo.list_tickets(session, limit, status)]
     columns = ["key", "created_at", "source_kind", "category", "assignee", "priority", "subject"]
@@ -508,6 +630,9 @@ def tickets_show(
     json_output: JsonOption = False,
 ) -> None:
     """Show one ticket with its body, comments and attachments."""
+    from storage import repo
+    from views.records import attachment_view, ticket_view
+
     with runtime(ctx) as rt, rt.sessions() as session:
         ticket = repo.ticket_by_key(session, key)
         if ticket is None:
@@ -545,6 +670,9 @@ def attachments_list(
     json_output: JsonOption = False,
 ) -> None:
     """List the attachments of a ticket and of its comments, with the ids `save` takes."""
+    from storage import repo
+    from views.records import attachment_view
+
     with runtime(ctx) as rt, rt.sessions() as session:
         ticket = repo.ticket_by_key(session, key)
         if ticket is None:
@@ -566,6 +694,8 @@ def attachments_save(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Save an attachment's exact bytes to a file."""
+    from storage import repo
+
     with runtime(ctx) as rt, rt.sessions() as session:
         found = repo.attachment_content(session, attachment_id)
     if found is None:
@@ -592,6 +722,10 @@ def messages_list(
     json_output: JsonOption = False,
 ) -> None:
     """List received messages and their fate, newest first."""
+    from pipeline.replay import parse_since
+    from storage import repo
+    from views.records import message_view
+
     try:
         start = parse_since(since, settings_of(ctx).zone) if since else None
     except ValueError as exc:
@@ -610,6 +744,9 @@ def messages_show(
     json_output: JsonOption = False,
 ) -> None:
     """Show the fate of one message ("did my mail arrive?")."""
+    from storage import repo
+    from views.records import history_of, message_view
+
     with runtime(ctx) as rt, rt.sessions() as session:
         message = repo.message_by_id_or_message_id(session, ref)
         if message is None:
@@ -641,6 +778,9 @@ def failed_filter(
     error: str | None,
     source: str | None,
 ) -> repo.FailedFilter:
+    from pipeline.replay import parse_since
+    from storage import repo
+
     try:
         moment = parse_since(since, settings_of(ctx).zone) if since else None
     except ValueError as exc:
@@ -649,6 +789,8 @@ def failed_filter(
 
 
 def ledger_message(session: Session, ref: str) -> InboundMessage:
+    from storage import repo
+
     message = repo.message_by_id_or_message_id(session, ref)
     if message is None:
         raise fail(f"no message {ref} in the ledger", EXIT_FAILED)
@@ -666,6 +808,9 @@ def failed_list(
     json_output: JsonOption = False,
 ) -> None:
     """List failed messages, newest first."""
+    from storage import repo
+    from views.records import failed_view
+
     wanted = failed_filter(ctx, since, stage, error, source)
     with runtime(ctx) as rt, rt.sessions() as session:
         found = repo.failed_with_head(session, wanted, limit, HEADER_BYTES)
@@ -681,6 +826,9 @@ def failed_show(
     json_output: JsonOption = False,
 ) -> None:
     """Show a message's envelope, headers, full error with traceback, and attempts history."""
+    from ingest.headers import decoded_headers
+    from views.records import history_of, message_view
+
     with runtime(ctx) as rt, rt.sessions() as session:
         message = ledger_message(session, ref)
         view = message_view(message) | {
@@ -708,7 +856,7 @@ def failed_export(
         Path | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
     ] = None,
 ) -> None:
-    """Write a message's exact raw bytes, e.g. to make a test case."""
+    """Write a message's exact raw bytes, for example to make a test case."""
     with runtime(ctx) as rt, rt.sessions() as session:
         message = ledger_message(session, ref)
         inbound_id, raw = message.id, message.raw
@@ -738,7 +886,12 @@ def failed_replay(
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Run failed messages through today's code and rules. Exits 1 if any still fail."""
+    """Run failed messages through today's code and rules.
+
+    Exits 1 if any still fail."""
+    from pipeline.replay import replay, select_failed
+    from storage import repo
+
     selecting = all_failed or any(f is not None for f in (since, stage, error, source))
     if bool(ids) == selecting:
         raise fail(
@@ -795,8 +948,11 @@ def failed_discard(
     reason: Annotated[str, typer.Option(help="Why they need no replay (kept for audit).")],
     json_output: JsonOption = False,
 ) -> None:
-    """Mark failed messages handled; the row and its raw bytes stay. Exits 1 if an id is not
-    a failed message."""
+    """Mark failed messages handled without replaying them.
+
+    The row and its raw bytes stay. Exits 1 if an id is not a failed message."""
+    from pipeline.replay import discard
+
     if not reason.strip():
         raise fail("--reason must say why the messages are discarded", EXIT_USAGE)
     with runtime(ctx) as rt:
@@ -825,24 +981,34 @@ def serve(ctx: typer.Context) -> None:
     thread (`thread`). Exits 2 if a listener cannot start (e.g. its port is taken) or the rules
     or templates file is refused, 3 if the database is unavailable.
     """
+    import asyncio
+
+    from rules.reload import watch_files
+    from sources.service import ListenerError, Service, serve_until_signalled
+    from sources.workers import WorkerPool, WorkerRules, WorkerTemplates
+
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start and stop lines
     with runtime(ctx) as rt:
         try:
             pipeline = rt.pipeline()  # a bad rules or templates file stops here (exit 2)
-            holder = rt.rules_holder()
+            holder, templates = rt.rules_holder(), rt.templates_holder()
+            watched: list[Reloadable]
             if rt.settings.processing.mode == "thread":
                 service = Service(rt.settings, pipeline)
-                if holder is not None:
-                    service.parts.rules = holder
-                    service.add_task("rules-reload", partial(watch_rules, holder))
+                watched = [h for h in (holder, templates) if h is not None]
+                service.parts.rules, service.parts.templates = holder, templates
             else:
-                workers = WorkerPool(rt.settings, holder)
+                workers = WorkerPool(rt.settings, holder, templates)
                 service = Service(rt.settings, pipeline, workers)
+                worker_templates = WorkerTemplates(templates, workers)
+                watched = [worker_templates]
+                service.parts.templates = worker_templates
                 if holder is not None:
-                    watched = WorkerRules(holder, workers)
-                    service.parts.rules = watched
-                    service.parts.rules_reload_errors = lambda: watched.reload_errors
-                    service.add_task("rules-reload", partial(watch_rules, watched))
+                    worker_rules = WorkerRules(holder, workers)
+                    watched.insert(0, worker_rules)
+                    service.parts.rules = worker_rules
+                    service.parts.rules_reload_errors = lambda: worker_rules.reload_errors
+            service.add_task("reload", partial(watch_files, watched))
             asyncio.run(serve_until_signalled(service))
         except ListenerError as exc:
             raise fail(str(exc), EXIT_USAGE) from exc
@@ -865,6 +1031,8 @@ def load_rules_or_exit(
     ctx: typer.Context, path: Path, code: int = EXIT_FAILED, *, json_output: bool = False
 ) -> CompiledRules:
     """The compiled rules, or every problem (on stderr, or as JSON on stdout) and exit `code`."""
+    from rules.load import RulesError, load_rules
+
     try:
         return load_rules(path, settings_of(ctx).zone)
     except RulesError as exc:
@@ -884,7 +1052,11 @@ def rules_check(
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Validate a rules file and summarise it. Exits 1 if it has errors (warnings do not)."""
+    """Validate a rules file and summarise it.
+
+    Exits 1 if it has errors (warnings do not)."""
+    from views.mail import rules_summary
+
     rules = load_rules_or_exit(ctx, configured_rules_path(ctx, path), json_output=json_output)
     summary = {"ok": True, **rules_summary(rules)}
     if json_output:
@@ -929,8 +1101,15 @@ def rules_test(
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Route mails with the real parser and rules, writing nothing, and explain every rule:
-    whether it matched and, if not, which condition failed; then the decision."""
+    """Route mails with the real parser and rules, writing nothing.
+
+    Explains every rule (whether it matched and, if not, which condition failed), then the
+    decision."""
+    from ingest.intake import unstored_mail
+    from ingest.mail import Envelope
+    from pipeline.dryrun import DryRouter
+    from views.mail import explained
+
     rules = load_rules_or_exit(ctx, configured_rules_path(ctx, rules_file))
     moment = received_at or datetime.now(UTC)
     moment = moment if moment.tzinfo else moment.replace(tzinfo=settings_of(ctx).zone)
@@ -963,8 +1142,13 @@ def rules_diff(
     ] = "7d",
     json_output: JsonOption = False,
 ) -> None:
-    """Replay recent stored mails through the current and the new rules and list those whose
-    fate, category, assignee or priority would change. Nothing is written."""
+    """List the stored mails that a new rules file would route differently.
+
+    Replays recent mails through the current and the new rules and shows those whose fate,
+    category, assignee or priority would change. Nothing is written."""
+    from pipeline.dryrun import diff
+    from pipeline.replay import parse_since
+
     try:
         start = parse_since(since, settings_of(ctx).zone)
     except ValueError as exc:
@@ -998,9 +1182,138 @@ def rules_diff(
     print_rows(title, ["inbound_id", "ticket", "subject", "changes"], shown, json_output=False)
 
 
+TemplatesFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--templates", help="Templates file to use (default: templates.path from the config)."
+    ),
+]
+MailFilesArgument = Annotated[list[Path], typer.Argument(help="Message files (.eml).")]
+
+
+def templates_or_exit(ctx: typer.Context, given: Path | None) -> list[Template]:
+    """The templates of `given` or of the config; a refused file is exit 2 with its problems."""
+    from config import ConfigError
+    from ingest.extract import load_templates
+
+    chosen = settings_of(ctx).templates
+    path = given or chosen.path
+    try:
+        return load_templates(path, required=given is not None or "path" in chosen.model_fields_set)
+    except ConfigError as exc:
+        raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
+
+
+def parsed_files(files: list[Path]) -> list[tuple[Path, Any]]:
+    """Each file and its `ParsedMail`; an unreadable file is exit 2."""
+    from ingest.parse import UnreadableMail, parse
+
+    parsed = []
+    for path in files:
+        try:
+            parsed.append((path, parse(path.read_bytes())))
+        except OSError as exc:
+            raise fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_USAGE) from exc
+        except UnreadableMail as exc:
+            raise fail(f"{path}: {exc}", EXIT_USAGE) from exc
+    return parsed
+
+
+@templates_app.command("test")
+def templates_test(
+    ctx: typer.Context,
+    files: MailFilesArgument,
+    templates_file: TemplatesFileOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show which template each mail matches and every field it finds or misses.
+
+    Uses no database. For each template, says which match conditions (sender, subject, body)
+    the mail meets; for the template that matched, lists each field spec with the value found
+    (as written and typed) or `missed`. Exits 1 if a mail matches no template.
+    """
+    from ingest.extract import explain_templates
+
+    templates = templates_or_exit(ctx, templates_file)
+    zone = settings_of(ctx).zone
+    results = [
+        {"file": str(path), "subject": mail.subject, "from": mail.from_email}
+        | explain_templates(templates, mail, zone)
+        for path, mail in parsed_files(files)
+    ]
+    if json_output:
+        print_json(results)
+    else:
+        for result in results:
+            print_template_test(result)
+    if any(result["template"] is None for result in results):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def print_template_test(result: dict[str, Any]) -> None:
+    say = partial(out.print, highlight=False, soft_wrap=True)
+    say(f"[bold]{escape(result['file'])}[/bold] {escape(result['subject'])}")
+    say(f"  from: {result['from'] or '-'}", markup=False)
+    for tried in result["tried"]:
+        checks = ", ".join(f"{k} {'✓' if ok else '✗'}" for k, ok in tried["conditions"].items())
+        chosen = tried["template"] == result["template"]
+        mark = "[green]✓ matched[/green]" if chosen else "[dim]✗ not matched[/dim]"
+        say(f"  {mark} {escape(tried['template'])} ({checks})")
+    if result["template"] is None:
+        say("  → no template matched: a plain email ticket (From is the requester)\n")
+        return
+    say(f"  → template {escape(result['template'])}, source_kind {result['source_kind']}")
+    for spec in result["fields"]:
+        if not spec["found"]:
+            say(f"    [yellow]✗ {spec['key']}[/yellow] missed ({spec['by']}, {spec['type']})")
+            continue
+        typed = {k: v for k, v in spec["values"].items() if v != spec["written"]}
+        extra = f" → {readable(typed)}" if typed else ""
+        written = escape(spec["written"].replace("\n", " ⏎ "))
+        say(f"    [green]✓ {spec['key']}[/green]: {written}{escape(extra)}")
+    requester = {k: v for k, v in result["requester"].items() if v}
+    say(f"  requester: {escape(readable(requester) if requester else '-')}\n")
+
+
+@templates_app.command("suggest")
+def templates_suggest(
+    ctx: typer.Context,
+    files: MailFilesArgument,
+    name: Annotated[
+        str | None, typer.Option(help="The template's name (default: from the sender's domain).")
+    ] = None,
+    templates_file: TemplatesFileOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Draft a template from a few sample mails of one sender, for a person to review.
+
+    Takes the labelled lines the samples share (`お名前：...`), typed where every value reads as
+    a phone number, a time or an email address; a label an existing template knows keeps that
+    template's field key (so it fills the same requester column). Prints YAML to add to the
+    templates file. Uses no database. Exits 1 if the samples share no labelled line.
+    """
+    from ingest.suggest import as_yaml, suggest_template
+
+    known = templates_or_exit(ctx, templates_file)
+    mails = [mail for _path, mail in parsed_files(files)]
+    draft = suggest_template(mails, known, name)
+    text = as_yaml(draft, len(mails))
+    if json_output:
+        print_json({"samples": len(mails), "template": draft, "yaml": text})
+    else:
+        sys.stdout.write(text)
+    if len({s for m in mails if (s := (m.from_email or "").rpartition("@")[2])}) > 1:
+        err.print("[yellow]warning:[/yellow] the samples come from more than one domain")
+    if not draft["fields"]:
+        err.print(f"[red]error:[/red] the {len(mails)} mails share no labelled line")
+        raise typer.Exit(EXIT_FAILED)
+
+
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Create or migrate the database schema to this version."""
+    from storage import db
+
     with runtime(ctx, migrate=False) as rt:
         db.upgrade(rt.engine)
         out.print(f"database at revision {db.current_revision(rt.engine)}")

@@ -42,7 +42,6 @@ from pydantic_settings import (
 )
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
-from sqlalchemy.engine import make_url
 
 
 def re2_options() -> re2.Options:
@@ -694,6 +693,8 @@ def anchor_paths(settings: Settings, base: Path) -> None:
     settings.smtp.tls_key = at(settings.smtp.tls_key)
     for account in settings.imap.accounts:
         account.ca_file, account.token_file = at(account.ca_file), at(account.token_file)
+    from sqlalchemy.engine import make_url  # here: `mailintake --help` imports no SQLAlchemy
+
     url = make_url(settings.database.url)
     database = url.database or ""
     in_a_file = database not in ("", ":memory:") and not database.startswith("file:")

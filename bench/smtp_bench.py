@@ -37,7 +37,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from storage import db
-from storage.models import Fate, InboundMessage
+from storage.models import InboundMessage
+from storage.states import Fate
 
 RECIPIENT = "inquiry@wine-importer.example.jp"
 SENDER = "bench@denwa-daiko.example.com"

@@ -15,6 +15,7 @@ backtracks, and one hostile line made it quadratic (a minute for 30 KB of spaces
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import unicodedata
 from datetime import date, datetime, tzinfo
@@ -158,11 +159,20 @@ def load_templates(path: Path, *, required: bool = True) -> list[Template]:
     """Templates from a YAML file. A bad file raises ConfigError saying `file:line:column:
     dotted.key: problem` for each problem; so does a missing one, unless not `required` (the
     default path, never configured), which means no templates."""
+    return read_templates(path, required=required)[0]
+
+
+NO_FILE = "none"  # the version of the templates when there is no file
+
+
+def read_templates(path: Path, *, required: bool = True) -> tuple[list[Template], str]:
+    """`load_templates`, and the version of what was read: the sha256 of the file's bytes (or
+    `none` when an optional file is absent)."""
     if not path.exists() and not required:
         log.warning("no templates file at %s: template fields will not be extracted", path)
-        return []
-    model, _ = load_yaml_model(path, TemplateFile)
-    return model.templates
+        return [], NO_FILE
+    model, source = load_yaml_model(path, TemplateFile)
+    return model.templates, hashlib.sha256(source.raw).hexdigest()
 
 
 def _split_label(line: str) -> list[tuple[str, str]]:
@@ -351,3 +361,57 @@ def phone_in(text: str) -> str | None:
     for match in phonenumbers.PhoneNumberMatcher(scanned, PHONE_REGION):
         return phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164)
     return None
+
+
+def match_checks(match: Match, parsed: ParsedMail) -> dict[str, bool]:
+    """Each condition a template's `match` gives, and whether `parsed` meets it."""
+    checks: dict[str, bool] = {}
+    if match.sender:
+        sender = (parsed.from_email or "").lower()
+        checks["sender"] = any(fnmatchcase(sender, p.lower()) for p in match.sender)
+    if match.subject_regex is not None:
+        checks["subject"] = match.subject_regex.search(parsed.subject) is not None
+    if match.body:
+        checks["body"] = all(marker in parsed.text for marker in match.body)
+    return checks
+
+
+def explain_templates(
+    templates: list[Template], parsed: ParsedMail, zone: tzinfo = DEFAULT_ZONE
+) -> dict[str, Any]:
+    """What `extract` does with `parsed`, and why: each template's match conditions (met or
+    not), the template that matched, and each of its field specs with the value found (as
+    written and typed) or None where it found nothing (`mailintake templates test`)."""
+    tried = [{"template": t.name, "conditions": match_checks(t.match, parsed)} for t in templates]
+    template = matching_template(templates, parsed)
+    if template is None:
+        return {"template": None, "source_kind": "email", "tried": tried, "fields": []}
+    all_labels = frozenset().union(*(spec.normalised_labels for spec in template.fields))
+    fields = []
+    for spec in template.fields:
+        raw = _raw_value(spec, parsed, all_labels)
+        fields.append(
+            {
+                "key": spec.key,
+                "type": spec.type,
+                "by": f"pattern in {spec.source}" if spec.pattern else "labels",
+                "found": bool(raw),
+                "written": raw or None,
+                "values": typed(spec, raw, zone) if raw else {},
+            }
+        )
+    extracted = {"template": template.name, **extract_fields(template, parsed, zone)}
+    requester = requester_from(template.requester, extracted)
+    return {
+        "template": template.name,
+        "source_kind": template.source_kind,
+        "tried": tried,
+        "fields": fields,
+        "extracted": extracted,
+        "requester": {
+            "name": requester.name,
+            "email": requester.email,
+            "phone": requester.phone,
+            "company": requester.company,
+        },
+    }

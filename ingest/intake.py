@@ -9,7 +9,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.headers import identity_of
 from ingest.mail import Envelope, IncomingMail
-from storage.models import Fate, InboundMessage
+from storage.models import InboundMessage
+from storage.states import Fate
 
 
 def receive(sessions: sessionmaker[Session], raw: bytes, envelope: Envelope) -> int:

@@ -39,8 +39,13 @@ class PipelineContext:
     sessions: sessionmaker[Session]
     router: Router = no_rules
     templates: list[Template] | None = None  # None: read settings.templates.path on first use
+    # When set (serve, its workers, the CLI): the templates in force, which a reload swaps whole;
+    # taken once per message, like the rules.
+    template_source: Callable[[], list[Template]] | None = None
 
     def source_templates(self) -> list[Template]:
+        if self.template_source is not None:
+            return self.template_source()
         if self.templates is None:
             chosen = self.settings.templates
             self.templates = load_templates(chosen.path, required="path" in chosen.model_fields_set)

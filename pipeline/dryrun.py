@@ -19,7 +19,8 @@ from pipeline.process import incoming_mail
 from pipeline.stages import DRY_RUN_STAGES, examine
 from rules.engine import CompiledRules, Evaluation, RulesRouter
 from storage import repo
-from storage.models import Fate, InboundMessage
+from storage.models import InboundMessage
+from storage.states import Fate
 
 COMPARED = ("outcome", "category", "assignee", "priority")
 

@@ -16,7 +16,8 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import repo
-from storage.models import PROCESSABLE, utcnow
+from storage.models import utcnow
+from storage.states import PROCESSABLE
 
 # A message whose last attempts all died unfinished is failed, stage `interrupted`, instead of
 # tried again: a service that restarts would otherwise crash on it forever.

@@ -21,7 +21,8 @@ from pipeline.leases import INTERRUPTED_LIMIT, lease_owner, take_lease
 from pipeline.retry import retry_at
 from pipeline.stages import DECIDING_STAGES, NotOurs, examine
 from storage import repo
-from storage.models import PROCESSABLE, Fate, InboundMessage, Stage, utcnow
+from storage.models import InboundMessage, utcnow
+from storage.states import PROCESSABLE, Fate, Stage
 
 log = logging.getLogger(__name__)
 

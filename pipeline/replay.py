@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.attempts import record_attempt
 from pipeline.process import PipelineContext, process
 from storage import repo
-from storage.models import Fate, InboundMessage, utcnow
+from storage.models import InboundMessage, utcnow
+from storage.states import Fate
 
 SKIPPED = "skipped"  # not processable any more: done meanwhile (by serve or another replay)
 MISSING = "missing"  # no such ledger id

@@ -21,7 +21,7 @@ from ingest.parse import parse
 from pipeline.context import PipelineContext, with_ticket_defaults
 from pipeline.store import store
 from storage import repo
-from storage.models import Fate, Stage
+from storage.states import Fate, Stage
 
 ExamineStage = Callable[[IncomingMail, PipelineContext], None]
 DecidingStage = Callable[[IncomingMail, PipelineContext, Session], None]

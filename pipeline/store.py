@@ -9,7 +9,8 @@ from sqlalchemy.orm import Session
 
 from ingest.mail import IncomingMail, ParsedMail
 from storage import repo
-from storage.models import Attachment, Fate, Ticket, TicketComment
+from storage.models import Attachment, Ticket, TicketComment
+from storage.states import Fate
 
 
 def store(session: Session, mail: IncomingMail, key_prefix: str) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.models import Source
+from storage.states import Source
 
 STDIN = "-"
 

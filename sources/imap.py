@@ -43,7 +43,7 @@ from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.retry import backoff_delay
 from storage import repo
-from storage.models import Source
+from storage.states import Source
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,8 @@ class FolderFetcher:
         """Fetch, wait for news, fetch again, until `stop` is set; never raises."""
         self._last_success = time.monotonic()
         self._stop = stop
+        mode = "IDLE" if self.imap.idle else f"poll every {self.imap.poll_interval_seconds:g} s"
+        log.info("imap %s: fetcher started on %s, %s", self.label, self.server, mode)
         failures = 0  # in a row: a sync starts the backoff over
         while not stop.is_set():
             try:

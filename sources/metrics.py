@@ -20,7 +20,6 @@ Where each number comes from, since processing runs in worker processes of their
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,7 +38,7 @@ from storage import repo
 from storage.models import Fate, utcnow
 
 if TYPE_CHECKING:
-    from rules.reload import RulesHolder
+    from rules.reload import RulesHolder, TemplatesHolder
     from sources.imap import FolderFetcher
     from sources.smtp import Door, IntakeHandler
 
@@ -168,7 +167,7 @@ class Parts:
     fetchers: Sequence[FolderFetcher] = ()
     rules: RulesHolder | None = None
     rules_reload_errors: Callable[[], int] | None = None
-    templates_version: str | None = None
+    templates: TemplatesHolder | None = None
 
 
 class ServiceCollector(Collector):
@@ -216,9 +215,9 @@ class ServiceCollector(Collector):
                 "Edits of the rules file that were refused",
                 value=parts.rules_reload_errors(),
             )
-        if parts.templates_version is not None:
-            templates = InfoMetricFamily("mailintake_templates", "The templates file read at start")
-            templates.add_metric([], {"version": parts.templates_version})
+        if parts.templates is not None:
+            templates = InfoMetricFamily("mailintake_templates", "The templates file in force")
+            templates.add_metric([], {"version": parts.templates.version[:12]})
             yield templates
 
     def _smtp(self, parts: Parts) -> Iterator[Any]:
@@ -248,14 +247,6 @@ class ServiceCollector(Collector):
         yield CounterMetricFamily(
             "mailintake_smtp_auth_failures", "Failed SMTP logins", value=parts.handler.auth_failures
         )
-
-
-def file_version(path: Path) -> str | None:
-    """The first 12 hex digits of the file's sha256, None if it cannot be read."""
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    except OSError:
-        return None
 
 
 class Metrics:

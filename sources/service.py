@@ -41,7 +41,7 @@ from ingest.mail import Envelope
 from pipeline.process import PipelineContext
 from sources.http import HttpListener, Readiness, create_app
 from sources.imap import FolderFetcher, Hooks, fetch_until_stopped, folder_fetchers
-from sources.metrics import Metrics, Parts, file_version
+from sources.metrics import Metrics, Parts
 from sources.smtp import (
     Door,
     IntakeHandler,
@@ -111,11 +111,7 @@ class Service:
                     fetchers=self.fetchers,
                 ),
             )
-        self.parts = Parts(
-            door=self.door,
-            fetchers=self.fetchers,
-            templates_version=file_version(settings.templates.path),
-        )
+        self.parts = Parts(door=self.door, fetchers=self.fetchers)
         multiprocess_dir = workers.metrics_dir if workers is not None else None
         self.metrics = Metrics(pipeline.sessions, self.parts, multiprocess_dir)
         self.http: HttpListener | None = None

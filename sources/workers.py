@@ -11,10 +11,10 @@ message, however costly or hostile, holds the listener's GIL, and every core wor
 - **Woken** through a pipe from the parent: one byte after each commit (`wake()`); workers also
   rescan every `processing.rescan_seconds`, which picks up due retries and rows other
   processes left.
-- **Reloaded** the same way: the parent watches the rules file (and takes SIGHUP), validates the
-  new version itself and, if it loads, tells every worker to reload. A worker whose reload is
-  refused keeps its last good rules; a worker (re)started while the file is broken starts with
-  the parent's last good copy.
+- **Reloaded** the same way: the parent watches the rules and templates files (and takes
+  SIGHUP), validates the new version itself and, if it loads, tells every worker to reload. A
+  worker whose reload is refused keeps its last good version; a worker (re)started while a file
+  is broken starts with the parent's last good copy.
 - **Stopped** by closing the pipe: the worker finishes the message in hand and exits. SIGTERM
   does the same (systemd signals the whole group); SIGINT and SIGHUP are the parent's. A worker
   still busy when the grace period ends is killed: its transaction rolls back, the row stays
@@ -48,7 +48,7 @@ from pipeline.process import process
 from pipeline.replay import retry_due
 from rules.engine import RulesRouter
 from rules.load import RulesError, load_rules
-from rules.reload import RulesHolder
+from rules.reload import RulesHolder, TemplatesHolder
 from sources import logs
 from sources.metrics import observe_processing, processing_histogram, write_to_directory
 from storage import db, repo
@@ -170,6 +170,7 @@ class WorkerSpec:
     rules_fallback: Path | None  # the parent's last good copy of the rules file
     metrics_dir: Path | None = None  # where its metrics go for the parent's /metrics
     log_format: str = "human"
+    templates_fallback: Path | None = None  # and of the templates file
 
 
 def worker_main(spec: WorkerSpec, control: Connection) -> None:
@@ -196,20 +197,26 @@ def worker_main(spec: WorkerSpec, control: Connection) -> None:
     try:
         sessions = db.make_session_factory(engine)
         holder = _rules_holder(spec)
+        try:
+            templates = _templates_holder(spec)
+        except ConfigError as exc:
+            log.error("templates file refused, %s exits:\n%s", spec.name, exc)
+            raise SystemExit(2) from exc
         if holder is None:
             pipeline = PipelineContext(settings, sessions)
         else:
             pipeline = PipelineContext(settings, sessions, RulesRouter(holder.current))
-        try:
-            pipeline.source_templates()
-        except ConfigError as exc:
-            log.error("templates file refused, %s exits:\n%s", spec.name, exc)
-            raise SystemExit(2) from exc
+        pipeline.template_source = templates.current
         listener = threading.Thread(
-            target=_listen, args=(control, holder, wake, stop), name="control", daemon=True
+            target=_listen,
+            args=(control, [h for h in (holder, templates) if h is not None], wake, stop),
+            name="control",
+            daemon=True,
         )
         listener.start()
+        running = ", ".join(h.describe() for h in (holder, templates) if h is not None)
         log.info("%s started (pid %d)", spec.name, os.getpid())
+        log.info("%s: %s in force", spec.name, running)
         wake.set()  # first pass: rows left over from an earlier run
         run_loop(pipeline, wake, stop, spec.rescan_seconds, (spec.index, spec.count))
         log.info("%s stopped", spec.name)
@@ -237,9 +244,22 @@ def _rules_holder(spec: WorkerSpec) -> RulesHolder | None:
         return RulesHolder(path, load_rules(spec.rules_fallback, zone), zone)
 
 
+def _templates_holder(spec: WorkerSpec) -> TemplatesHolder:
+    chosen = spec.settings.templates
+    required = "path" in chosen.model_fields_set
+    try:
+        return TemplatesHolder.load(chosen.path, required=required)
+    except ConfigError as exc:
+        if spec.templates_fallback is None:
+            raise
+        log.error("templates file refused, %s starts with the last good ones:\n%s", spec.name, exc)
+        last_good = TemplatesHolder.load(spec.templates_fallback)
+        return TemplatesHolder(chosen.path, last_good.current(), last_good.version, required)
+
+
 def _listen(
     control: Connection,
-    holder: RulesHolder | None,
+    holders: list[RulesHolder | TemplatesHolder],
     wake: threading.Event,
     stop: threading.Event,
 ) -> None:
@@ -254,8 +274,9 @@ def _listen(
             stop.set()
             wake.set()
             return
-        if RELOAD in data and holder is not None:
-            holder.reload()
+        if RELOAD in data:
+            for holder in holders:
+                holder.reload()
         if WAKE in data:
             wake.set()
 
@@ -275,7 +296,12 @@ class Slot:
 class WorkerPool:
     """The parent's side of `processing.workers` worker processes."""
 
-    def __init__(self, settings: Settings, rules: RulesHolder | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        rules: RulesHolder | None = None,
+        templates: TemplatesHolder | None = None,
+    ) -> None:
         self.settings = settings
         self._mp = multiprocessing.get_context("spawn")
         self._stopping = False
@@ -283,10 +309,15 @@ class WorkerPool:
         self._snapshot_dir: Path | None = None
         self._fallback: Path | None = None
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="mailintake-metrics-"))
-        if rules is not None:
+        self._templates_fallback: Path | None = None
+        if rules is not None or templates is not None:
             self._snapshot_dir = Path(tempfile.mkdtemp(prefix="mailintake-rules-"))
+        if rules is not None and self._snapshot_dir is not None:
             self._fallback = self._snapshot_dir / rules.path.name
             self.rules_changed(rules)
+        if templates is not None and self._snapshot_dir is not None:
+            self._templates_fallback = self._snapshot_dir / f"templates-{templates.path.name}"
+            self.templates_changed(templates)
         count = settings.processing.workers
         self.slots = [
             Slot(
@@ -300,6 +331,7 @@ class WorkerPool:
                     rules_fallback=self._fallback,
                     metrics_dir=self.metrics_dir,
                     log_format=logs.current_format(),
+                    templates_fallback=self._templates_fallback,
                 )
             )
             for i in range(count)
@@ -313,6 +345,15 @@ class WorkerPool:
             raw = holder.path.read_bytes()
             if hashlib.sha256(raw).hexdigest() == holder.current().version:  # not edited since
                 self._fallback.write_bytes(raw)
+
+    def templates_changed(self, holder: TemplatesHolder) -> None:
+        """Keep a copy of the templates in force, as `rules_changed` does for the rules."""
+        if self._templates_fallback is None or holder.last_error is not None:
+            return
+        with contextlib.suppress(OSError):
+            raw = holder.path.read_bytes()
+            if hashlib.sha256(raw).hexdigest() == holder.version:
+                self._templates_fallback.write_bytes(raw)
 
     def start(self) -> None:
         for slot in self.slots:
@@ -424,5 +465,20 @@ class WorkerRules(RulesHolder):
             self.reload_errors += 1
         else:
             self.workers.rules_changed(self)
+            self.workers.reload()
+        return changed
+
+
+class WorkerTemplates(TemplatesHolder):
+    """The parent's copy of the templates in process mode, like `WorkerRules`."""
+
+    def __init__(self, holder: TemplatesHolder, workers: WorkerPool) -> None:
+        super().__init__(holder.path, holder.current(), holder.version, holder.required)
+        self.workers = workers
+
+    def reload(self) -> bool:
+        changed = super().reload()
+        if self.last_error is None:
+            self.workers.templates_changed(self)
             self.workers.reload()
         return changed

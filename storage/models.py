@@ -3,7 +3,6 @@ through an Alembic migration in storage/migrations/versions/."""
 
 from __future__ import annotations
 
-import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -21,6 +20,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# The states live in storage/states.py (importable without SQLAlchemy); re-exported for callers
+# that still import them from here.
+from storage.states import PROCESSABLE as PROCESSABLE
+from storage.states import SETTLED as SETTLED
+from storage.states import WITH_RECORD as WITH_RECORD
+from storage.states import Fate as Fate
+from storage.states import Source as Source
+from storage.states import Stage as Stage
 
 
 def utcnow() -> datetime:
@@ -67,54 +75,6 @@ class Base(DeclarativeBase):
         dict[str, Any]: JSON,
         list[str]: JSON,
     }
-
-
-class Fate(enum.StrEnum):
-    """What became of an inbound message (the ledger's `status`); `received`: nothing yet."""
-
-    RECEIVED = "received"
-    TICKET = "ticket"
-    COMMENT = "comment"
-    DUPLICATE = "duplicate"
-    DROPPED = "dropped"
-    FAILED = "failed"
-    DISCARDED = "discarded"  # a failure an admin chose not to replay; row and raw bytes stay
-
-
-PROCESSABLE = (Fate.RECEIVED, Fate.FAILED)  # what processing may (still) work on
-WITH_RECORD = (Fate.TICKET, Fate.COMMENT)  # the fates that wrote a ticket or a comment
-SETTLED = (*WITH_RECORD, Fate.DROPPED)  # a later delivery of such a message is a duplicate
-
-
-class Source(enum.StrEnum):
-    """How a message reached us (the ledger's `source`)."""
-
-    SMTP = "smtp"
-    LMTP = "lmtp"
-    IMAP = "imap"
-    FILE = "file"
-    STDIN = "stdin"
-
-
-class Stage(enum.StrEnum):
-    """Where a message is on its way, and so where a failure happened (`fail_stage`).
-
-    In pipeline order; `pipeline.process.STAGES` runs PARSE to STORE. FETCH is the IMAP fetch
-    before the ledger has the bytes; INTERRUPTED marks a message whose processing kept dying.
-    """
-
-    FETCH = "fetch"
-    PARSE = "parse"
-    DETECT = "detect"
-    EXTRACT = "extract"
-    CLAIM = "claim"
-    DEDUPE = "dedupe"
-    FOLLOW_UP = "follow_up"
-    ROUTE = "route"
-    DECIDE = "decide"
-    ASSIGN = "assign"
-    STORE = "store"
-    INTERRUPTED = "interrupted"
 
 
 class InboundMessage(Base):

@@ -25,7 +25,8 @@ from ingest.parse import html_to_text, parse
 from pipeline.process import PipelineContext, process
 from sources.files import MessageSource
 from storage import db
-from storage.models import Fate, InboundMessage, Ticket
+from storage.models import InboundMessage, Ticket
+from storage.states import Fate
 from tests.conftest import CORPUS, corpus_dir
 
 EXPECTATION_FILES = {".yml", ".md"}

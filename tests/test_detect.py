@@ -12,7 +12,8 @@ from ingest.intake import receive
 from ingest.mail import Envelope
 from ingest.parse import parse
 from pipeline.process import PipelineContext, process
-from storage.models import Fate, InboundMessage, Ticket, TicketComment
+from storage.models import InboundMessage, Ticket, TicketComment
+from storage.states import Fate
 from tests.conftest import DATA
 from tests.mails import simple_mail
 

@@ -27,7 +27,8 @@ from pipeline.replay import SKIPPED, parse_since, replay, retry_due
 from pipeline.retry import is_transient
 from sources.service import ProcessingWorker
 from storage import db
-from storage.models import Fate, InboundMessage, ProcessingAttempt, Ticket
+from storage.models import InboundMessage, ProcessingAttempt, Ticket
+from storage.states import Fate
 from tests.mails import UNFETCHED_REASON, add_unfetched_row, simple_mail
 from tests.waiting import WAIT_SECONDS, wait_for
 

@@ -14,7 +14,7 @@ from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.context import PipelineContext
 from pipeline.process import process
-from storage.models import Fate
+from storage.states import Fate
 from tests.mails import simple_mail
 
 

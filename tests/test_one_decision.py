@@ -15,7 +15,8 @@ from pipeline.context import PipelineContext
 from pipeline.process import process
 from rules.engine import RulesRouter
 from storage import repo
-from storage.models import Fate, InboundMessage, Stage, Ticket
+from storage.models import InboundMessage, Ticket
+from storage.states import Fate, Stage
 from tests.mails import simple_mail
 from tests.rulesets import rules_from, write_rules
 

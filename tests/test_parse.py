@@ -17,7 +17,8 @@ from ingest.intake import receive
 from ingest.mail import Envelope
 from ingest.parse import UnreadableMail, parse, sanitise_filename
 from pipeline.process import process
-from storage.models import Fate, Ticket
+from storage.models import Ticket
+from storage.states import Fate
 from tests.conftest import DATA
 from tests.mails import simple_mail
 

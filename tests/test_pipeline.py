@@ -16,14 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from ingest.intake import receive
 from ingest.mail import Decision, Envelope
 from pipeline.process import PipelineContext, process, process_pending
-from storage.models import (
-    AttachmentBlob,
-    Fate,
-    InboundMessage,
-    ProcessingAttempt,
-    Ticket,
-    TicketComment,
-)
+from storage.models import AttachmentBlob, InboundMessage, ProcessingAttempt, Ticket, TicketComment
+from storage.states import Fate
 from tests.conftest import DATA
 from tests.mails import UNFETCHED_REASON, add_unfetched_row, simple_mail
 

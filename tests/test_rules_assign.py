@@ -21,7 +21,8 @@ from pipeline.process import PipelineContext, process
 from rules.assign import pick_assignee
 from rules.engine import CompiledRules, RulesRouter, evaluate
 from storage import db
-from storage.models import AssignmentCursor, Fate, InboundMessage, Ticket
+from storage.models import AssignmentCursor, InboundMessage, Ticket
+from storage.states import Fate
 from tests.conftest import _truncate_all
 from tests.mails import simple_mail
 from tests.rulesets import incoming, rules_from, write_rules

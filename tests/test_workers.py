@@ -22,7 +22,8 @@ import pytest
 from sqlalchemy import func, select
 
 from storage import db
-from storage.models import Fate, InboundMessage, Ticket
+from storage.models import InboundMessage, Ticket
+from storage.states import Fate
 from tests.mails import simple_mail
 from tests.servers import LISTENING, ServeProcess, wait_for
 
