@@ -35,7 +35,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import repo
-from storage.models import Fate, utcnow
+from storage.models import utcnow
+from storage.states import Fate
 
 if TYPE_CHECKING:
     from rules.reload import RulesHolder, TemplatesHolder

@@ -49,7 +49,7 @@ from config import SmtpSettings
 from ingest.headers import message_id_as_written, storable
 from ingest.mail import Envelope
 from pipeline.attempts import error_line
-from storage.models import Source
+from storage.states import Source
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-# The states live in storage/states.py (importable without SQLAlchemy); re-exported for callers
-# that still import them from here.
-from storage.states import PROCESSABLE as PROCESSABLE
-from storage.states import SETTLED as SETTLED
-from storage.states import WITH_RECORD as WITH_RECORD
-from storage.states import Fate as Fate
-from storage.states import Source as Source
-from storage.states import Stage as Stage
+from storage.states import Fate
 
 
 def utcnow() -> datetime:

@@ -14,21 +14,17 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
 
 from storage.models import (
-    PROCESSABLE,
-    SETTLED,
-    WITH_RECORD,
     AssignmentCursor,
     Attachment,
     AttachmentBlob,
-    Fate,
     ImapCheckpoint,
     InboundMessage,
     ProcessingAttempt,
-    Stage,
     Ticket,
     TicketComment,
     utcnow,
 )
+from storage.states import PROCESSABLE, SETTLED, WITH_RECORD, Fate, Stage
 
 RELEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None, "interruptions": 0}
 

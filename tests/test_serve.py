@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import select
 
 from storage import db
-from storage.models import Fate, InboundMessage
+from storage.models import InboundMessage
+from storage.states import Fate
 from tests.mails import simple_mail
 from tests.servers import LISTENING, ServeProcess
 

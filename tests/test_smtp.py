@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config import ConfigError, Settings, load_settings
 from sources.service import ListenerError
-from storage.models import Attachment, Fate, InboundMessage, Ticket
+from storage.models import Attachment, InboundMessage, Ticket
+from storage.states import Fate
 from tests.conftest import DATA
 from tests.mails import simple_mail
 from tests.servers import ServiceThread, wait_for
