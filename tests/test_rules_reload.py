@@ -127,7 +127,7 @@ def test_serve_keeps_old_rules_on_a_broken_edit_and_reloads_the_fix(tmp_path, se
     child = ServeProcess(tmp_path, port=0)
     serve_child.append(child)
     port = int(child.wait_for_line(LISTENING).group(1))
-    child.wait_for_line(re.compile(r"watching .* for rule changes"))
+    child.wait_for_line(re.compile(r"in force; watching "))
 
     def send(n: int) -> None:
         with smtplib.SMTP("127.0.0.1", port) as client:
