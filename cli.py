@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from rules.reload import Reloadable, RulesHolder, TemplatesHolder
     from sources.files import MessageSource
     from storage import repo
-    from storage.models import InboundMessage
+    from storage.models import InboundMessage, Ticket
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -623,6 +623,16 @@ def tickets_list(
     print_rows("tickets", columns, tickets, json_output)
 
 
+def ticket_or_exit(session: Session, key: str) -> Ticket:
+    """The ticket with key `key`, or exit 1 saying there is none."""
+    from storage import repo
+
+    ticket = repo.ticket_by_key(session, key)
+    if ticket is None:
+        raise fail(f"no ticket {key}", EXIT_FAILED)
+    return ticket
+
+
 @tickets_app.command("show")
 def tickets_show(
     ctx: typer.Context,
@@ -634,9 +644,7 @@ def tickets_show(
     from views.records import attachment_view, ticket_view
 
     with runtime(ctx) as rt, rt.sessions() as session:
-        ticket = repo.ticket_by_key(session, key)
-        if ticket is None:
-            raise fail(f"no ticket {key}", EXIT_FAILED)
+        ticket = ticket_or_exit(session, key)
         view = ticket_view(ticket) | {
             "body": ticket.body,
             "comments": [
@@ -659,7 +667,8 @@ def tickets_show(
             markup=False,
         )
     for comment in view["comments"]:
-        out.print(f"--- comment from {comment['author_email']} at {comment['created_at']}")
+        when = readable(comment["created_at"])
+        out.print(f"--- comment from {comment['author_email']} at {when}", markup=False)
         out.print(comment["body"], highlight=False, markup=False)
 
 
@@ -674,9 +683,7 @@ def attachments_list(
     from views.records import attachment_view
 
     with runtime(ctx) as rt, rt.sessions() as session:
-        ticket = repo.ticket_by_key(session, key)
-        if ticket is None:
-            raise fail(f"no ticket {key}", EXIT_FAILED)
+        ticket = ticket_or_exit(session, key)
         rows = [attachment_view(a) for a in repo.attachments_of_ticket(session, ticket.id)]
     print_rows(
         f"attachments of {key}", ["id", "filename", "content_type", "size"], rows, json_output
