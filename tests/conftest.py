@@ -22,6 +22,7 @@ from config import Settings
 from pipeline.process import PipelineContext
 from storage import db
 from storage.models import Base
+from tests.servers import ServeProcess
 
 DATA = Path(__file__).parent / "data"
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
@@ -171,3 +172,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return module if module in RUN_WHOLE_ON_ONE_WORKER else nodeid
 
     return WholeModulesOnOneWorker(config, log)
+
+
+@pytest.fixture
+def serve_processes() -> Iterator[list[ServeProcess]]:
+    """`mailintake serve` children a test starts (append them): killed if still running."""
+    started: list[ServeProcess] = []
+    yield started
+    for child in started:
+        if child.proc.poll() is None:
+            child.proc.kill()
+        child.proc.wait(10)
+        if child.proc.stderr is not None:
+            child.proc.stderr.close()

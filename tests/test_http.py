@@ -75,21 +75,9 @@ def send(port: int, message_id: str) -> None:
         client.sendmail("customer@example.com", [RECIPIENT], mail)
 
 
-@pytest.fixture
-def serve_process() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.proc.wait(10)
-        if child.proc.stderr is not None:
-            child.proc.stderr.close()
-
-
-def test_metrics_of_a_running_serve_move_when_mail_arrives(tmp_path, serve_process):
+def test_metrics_of_a_running_serve_move_when_mail_arrives(tmp_path, serve_processes):
     child = ServeProcess(tmp_path, port=0)  # processing in a worker process
-    serve_process.append(child)
+    serve_processes.append(child)
     smtp_port = int(child.wait_for_line(LISTENING).group(1))
     http = int(child.wait_for_line(HTTP_LISTENING).group(1))
     assert get(http, "/healthz") == (200, '{"alive":true}')

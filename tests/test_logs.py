@@ -9,27 +9,12 @@ import re
 import signal
 import smtplib
 import subprocess
-from collections.abc import Iterator
-
-import pytest
 
 from sources import logs
 from tests.mails import simple_mail
 from tests.servers import LISTENING, MAILINTAKE, ServeProcess
 
 RECIPIENT = "inquiry@wine-importer.example.jp"
-
-
-@pytest.fixture
-def serve_process() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.proc.wait(10)
-        if child.proc.stderr is not None:
-            child.proc.stderr.close()
 
 
 def test_the_json_formatter_writes_one_object_a_line_with_the_extra_fields():
@@ -46,11 +31,11 @@ def test_the_json_formatter_writes_one_object_a_line_with_the_extra_fields():
 
 
 def test_serve_with_log_format_json_writes_lines_that_parse_and_carry_the_ledger_id(
-    tmp_path, serve_process, monkeypatch
+    tmp_path, serve_processes, monkeypatch
 ):
     monkeypatch.setenv("MAILINTAKE_LOG__FORMAT", "json")  # log.format: json
     child = ServeProcess(tmp_path, port=0)
-    serve_process.append(child)
+    serve_processes.append(child)
     port = int(child.wait_for_line(LISTENING).group(1))
     mail = simple_mail(message_id="<json-log-1@example.com>").replace(b"\n", b"\r\n")
     with smtplib.SMTP("127.0.0.1", port) as client:

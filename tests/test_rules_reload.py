@@ -105,27 +105,14 @@ def ticket_assignees(db_url: str) -> list[tuple[str | None, str | None]]:
         engine.dispose()
 
 
-@pytest.fixture
-def serve_child(tmp_path) -> Iterator[list[ServeProcess]]:
-    """`mailintake serve` children, killed at the end if a test left them running."""
-    started: list[ServeProcess] = []
-    yield started
-    for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.finish()
-        if child.proc.stderr is not None:
-            child.proc.stderr.close()
-
-
-def test_serve_keeps_old_rules_on_a_broken_edit_and_reloads_the_fix(tmp_path, serve_child):
+def test_serve_keeps_old_rules_on_a_broken_edit_and_reloads_the_fix(tmp_path, serve_processes):
     (tmp_path / "config.yaml").write_text("rules:\n  path: rules.yaml\n", encoding="utf-8")
     real = tmp_path / "real"
     real.mkdir()
     rules_file = write_rules(real, GOOD)
     (tmp_path / "rules.yaml").symlink_to(rules_file)  # for the SIGHUP part, below
     child = ServeProcess(tmp_path, port=0)
-    serve_child.append(child)
+    serve_processes.append(child)
     port = int(child.wait_for_line(LISTENING).group(1))
     child.wait_for_line(re.compile(r"in force; watching "))
 

@@ -6,10 +6,7 @@ import re
 import signal
 import smtplib
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from storage import db
@@ -19,21 +16,9 @@ from tests.mails import simple_mail
 from tests.servers import LISTENING, ServeProcess
 
 
-@pytest.fixture
-def serve_process(tmp_path: Path) -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.proc.wait(10)
-        if child.proc.stderr is not None:
-            child.proc.stderr.close()
-
-
-def test_serve_stores_a_message_and_exits_0_on_sigterm(tmp_path, serve_process):
+def test_serve_stores_a_message_and_exits_0_on_sigterm(tmp_path, serve_processes):
     child = ServeProcess(tmp_path, port=0)
-    serve_process.append(child)
+    serve_processes.append(child)
     port = int(child.wait_for_line(LISTENING).group(1))
     with smtplib.SMTP("127.0.0.1", port) as client:
         client.sendmail(
@@ -55,11 +40,11 @@ def test_serve_stores_a_message_and_exits_0_on_sigterm(tmp_path, serve_process):
     assert status == Fate.TICKET
 
 
-def test_serve_on_a_taken_port_exits_2_saying_so(tmp_path, serve_process):
+def test_serve_on_a_taken_port_exits_2_saying_so(tmp_path, serve_processes):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         child = ServeProcess(tmp_path, port=port)
-        serve_process.append(child)
+        serve_processes.append(child)
         code = child.finish()
     assert code == 2, child.output
     expected = f"error: cannot listen for SMTP on 127.0.0.1:{port}: Address already in use"

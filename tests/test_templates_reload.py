@@ -10,10 +10,8 @@ import logging
 import re
 import signal
 import smtplib
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from rules.reload import TemplatesHolder
@@ -83,19 +81,7 @@ def tickets(db_url: str) -> list[tuple[str, str | None]]:
         engine.dispose()
 
 
-@pytest.fixture
-def serve_child() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.finish()
-        if child.proc.stderr is not None:
-            child.proc.stderr.close()
-
-
-def test_serve_reloads_templates_in_its_workers(tmp_path, serve_child):
+def test_serve_reloads_templates_in_its_workers(tmp_path, serve_processes):
     (tmp_path / "config.yaml").write_text(
         "templates:\n  path: templates.yaml\nprocessing:\n  workers: 1\n", encoding="utf-8"
     )
@@ -103,7 +89,7 @@ def test_serve_reloads_templates_in_its_workers(tmp_path, serve_child):
     good = SHIPPED.read_text(encoding="utf-8")
     templates.write_text(good, encoding="utf-8")
     child = ServeProcess(tmp_path, port=0)
-    serve_child.append(child)
+    serve_processes.append(child)
     v1 = version(templates)
     port = int(child.wait_for_line(LISTENING).group(1))
     child.wait_for_line(re.compile(rf"templates {v1} in force; watching .*templates\.yaml"))
