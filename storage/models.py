@@ -70,19 +70,29 @@ class Base(DeclarativeBase):
     }
 
 
-class InboundMessage(Base):
-    """The ledger: one row per received message, committed before the sender gets its ack."""
+# Other tools read the ledger as `inbound_messages` (docs/schema.md): since migration 0005 that
+# name is a read-only view joining the two tables below, with the columns the table had.
 
-    __tablename__ = "inbound_messages"
+
+class InboundMessage(Base):
+    """The ledger: one row per received message, committed before the sender gets its ack.
+
+    This row is the one that changes (lease, claim, fate), so it holds no large value: the raw
+    bytes are in `inbound_raw` (`InboundRaw`), written once with the row and never updated, and
+    an update here rewrites a few hundred bytes whatever the size of the mail. `raw` reads and
+    sets them; loading a whole InboundMessage loads them with it (one join on the primary key),
+    the ledger queries in storage.repo select columns and never touch them.
+    """
+
+    __tablename__ = "inbound_ledger"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     source: Mapped[str] = mapped_column(String(16))
-    raw: Mapped[bytes] = mapped_column(LargeBinary)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    message_id: Mapped[str | None] = mapped_column(ClippedString(998), index=True)
-    dedupe_key: Mapped[str] = mapped_column(String(998), index=True)
+    message_id: Mapped[str | None] = mapped_column(ClippedString(998))
+    dedupe_key: Mapped[str] = mapped_column(String(998))
     mail_from: Mapped[str | None] = mapped_column(ClippedString(998))
     rcpt_to: Mapped[list[str]] = mapped_column(default=list)
     peer: Mapped[str | None] = mapped_column(ClippedString(255))
@@ -99,7 +109,7 @@ class InboundMessage(Base):
     rule_hits: Mapped[list[str]] = mapped_column(default=list, server_default="[]")
     rule_misses: Mapped[list[str]] = mapped_column(default=list, server_default="[]")
     ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
-    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_ledger.id"), index=True)
     next_attempt_at: Mapped[datetime | None]  # when a transient failure is retried by itself
     discard_reason: Mapped[str | None] = mapped_column(Text)
     # The process working on the message (`host:pid`) and until when; left behind by a
@@ -108,7 +118,40 @@ class InboundMessage(Base):
     lease_until: Mapped[datetime | None]
     interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
-    __table_args__ = (Index("ix_inbound_messages_status_id", "status", "id"),)
+    content: Mapped[InboundRaw] = relationship(lazy="joined")
+
+    # One index per lookup of the per-message path (tests/test_query_plans.py checks the plans):
+    # a reply's In-Reply-To/References and a re-delivery's dedupe key are looked up among the
+    # rows that made a record, new work and due retries by status.
+    __table_args__ = (
+        Index("ix_inbound_ledger_message_id_status", "message_id", "status"),
+        Index("ix_inbound_ledger_dedupe_key_status", "dedupe_key", "status"),
+        Index("ix_inbound_ledger_status_id", "status", "id"),
+        Index("ix_inbound_ledger_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    @property
+    def raw(self) -> bytes:
+        """The exact bytes received, never modified."""
+        return self.content.raw
+
+    @raw.setter
+    def raw(self, value: bytes) -> None:
+        if self.content is None:
+            self.content = InboundRaw(raw=value)
+        else:
+            self.content.raw = value
+
+
+class InboundRaw(Base):
+    """The raw bytes of a ledger row, apart from the row that status updates rewrite."""
+
+    __tablename__ = "inbound_raw"
+
+    inbound_message_id: Mapped[int] = mapped_column(
+        ForeignKey("inbound_ledger.id"), primary_key=True
+    )
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Ticket(Base):
@@ -127,7 +170,7 @@ class Ticket(Base):
     requester_email: Mapped[str | None] = mapped_column(ClippedString(320), index=True)
     requester_phone: Mapped[str | None] = mapped_column(ClippedString(64))
     requester_company: Mapped[str | None] = mapped_column(ClippedString(255))
-    assignee: Mapped[str | None] = mapped_column(String(64), index=True)
+    assignee: Mapped[str | None] = mapped_column(String(64))
     priority: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="open", index=True)
     due_at: Mapped[datetime | None]
@@ -136,7 +179,7 @@ class Ticket(Base):
     rule_names: Mapped[list[str]] = mapped_column(default=list)
     rules_version: Mapped[str | None] = mapped_column(String(64))
     inbound_message_id: Mapped[int] = mapped_column(
-        ForeignKey("inbound_messages.id", use_alter=True, name="fk_tickets_inbound_message_id"),
+        ForeignKey("inbound_ledger.id", use_alter=True, name="fk_tickets_inbound_message_id"),
         unique=True,
     )
     origin_key: Mapped[str] = mapped_column(String(998), unique=True)
@@ -144,6 +187,9 @@ class Ticket(Base):
     comments: Mapped[list[TicketComment]] = relationship(
         back_populates="ticket", order_by="TicketComment.id"
     )
+
+    # `least_open` counts open tickets per assignee from this index alone.
+    __table_args__ = (Index("ix_tickets_assignee_status", "assignee", "status"),)
 
 
 class TicketComment(Base):
@@ -156,7 +202,7 @@ class TicketComment(Base):
     author_email: Mapped[str | None] = mapped_column(ClippedString(320))
     body: Mapped[str] = mapped_column(Text, default="")
     body_full: Mapped[str] = mapped_column(Text, default="")
-    inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_messages.id"), unique=True)
+    inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_ledger.id"), unique=True)
     origin_key: Mapped[str] = mapped_column(String(998), unique=True)
 
     ticket: Mapped[Ticket] = relationship(back_populates="comments")
@@ -176,7 +222,7 @@ class Attachment(Base):
     __tablename__ = "attachments"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_messages.id"), index=True)
+    inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_ledger.id"), index=True)
     ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
     comment_id: Mapped[int | None] = mapped_column(ForeignKey("ticket_comments.id"), index=True)
     filename: Mapped[str] = mapped_column(ClippedString(255))
@@ -217,7 +263,7 @@ class ProcessingAttempt(Base):
     __tablename__ = "processing_attempts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_messages.id"), index=True)
+    inbound_message_id: Mapped[int] = mapped_column(ForeignKey("inbound_ledger.id"), index=True)
     attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
     outcome: Mapped[str] = mapped_column(String(16))  # a Fate value
     stage: Mapped[str | None] = mapped_column(String(32))

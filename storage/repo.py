@@ -11,7 +11,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Row, Update, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session, lazyload
 
 from storage.models import (
     AssignmentCursor,
@@ -19,6 +19,7 @@ from storage.models import (
     AttachmentBlob,
     ImapCheckpoint,
     InboundMessage,
+    InboundRaw,
     ProcessingAttempt,
     Ticket,
     TicketComment,
@@ -146,33 +147,31 @@ def first_record_of(
 ) -> Row[int, int | None] | None:
     """The `id` and `ticket_id` (None for a drop) of an earlier delivery of the same message
     that was settled: it made a ticket or a comment, or was dropped."""
-    query = (
-        select(InboundMessage.id, InboundMessage.ticket_id)
-        .where(
-            InboundMessage.dedupe_key == dedupe_key,
-            InboundMessage.id != before_id,
-            InboundMessage.status.in_(SETTLED),
-        )
-        .order_by(InboundMessage.id)
-        .limit(1)
+    query = select(InboundMessage.id, InboundMessage.ticket_id).where(
+        InboundMessage.dedupe_key == dedupe_key,
+        InboundMessage.id != before_id,
+        InboundMessage.status.in_(SETTLED),
     )
-    return session.execute(query).first()
+    # At most two rows (a key makes one ticket and one comment: `origin_key` is unique), so
+    # the first is picked here; see ticket_for_message_ids for why not ORDER BY ... LIMIT 1.
+    return min(session.execute(query).all(), key=lambda row: row.id, default=None)
 
 
 def ticket_for_message_ids(session: Session, message_ids: Sequence[str]) -> int | None:
-    """The ticket that a message with one of these Message-IDs made or commented on."""
+    """The ticket that the newest message with one of these Message-IDs made or commented on.
+
+    Every matching row is read (about one per Message-ID, through the Message-ID index) and the
+    newest is picked here: with `ORDER BY id DESC LIMIT 1` the database may instead walk the
+    primary key backwards and read the ledger until it meets one, as PostgreSQL plans it.
+    """
     if not message_ids:
         return None
-    query = (
-        select(InboundMessage.ticket_id)
-        .where(
-            InboundMessage.message_id.in_(message_ids),
-            InboundMessage.status.in_(WITH_RECORD),
-        )
-        .order_by(InboundMessage.id.desc())
-        .limit(1)
+    query = select(InboundMessage.id, InboundMessage.ticket_id).where(
+        InboundMessage.message_id.in_(list(dict.fromkeys(message_ids))),
+        InboundMessage.status.in_(WITH_RECORD),
     )
-    return session.scalars(query).first()
+    newest = max(session.execute(query).all(), key=lambda row: row.id, default=None)
+    return newest.ticket_id if newest else None
 
 
 def ticket_by_key(session: Session, key: str) -> Ticket | None:
@@ -241,7 +240,7 @@ def list_messages(
 ) -> Sequence[InboundMessage]:
     query = (
         select(InboundMessage)
-        .options(defer(InboundMessage.raw))  # a listing never needs the (large) bytes
+        .options(lazyload(InboundMessage.content))  # a listing never needs the (large) bytes
         .order_by(InboundMessage.id.desc())
         .limit(limit)
     )
@@ -385,10 +384,11 @@ def failed_with_head(
 ) -> Sequence[tuple[InboundMessage, bytes]]:
     """Failed messages, newest first, each with only the first `head_bytes` of its raw bytes
     (enough for the headers; a failed message may be a huge one)."""
-    head = func.substr(InboundMessage.raw, 1, head_bytes)
+    head = func.substr(InboundRaw.raw, 1, head_bytes)
     query = (
         select(InboundMessage, head)
-        .options(defer(InboundMessage.raw))
+        .outerjoin(InboundRaw, InboundRaw.inbound_message_id == InboundMessage.id)
+        .options(lazyload(InboundMessage.content))
         .where(*_failed_where(wanted))
         .order_by(InboundMessage.id.desc())
         .limit(limit)
@@ -397,14 +397,17 @@ def failed_with_head(
 
 
 def due_for_retry(session: Session, now: datetime, limit: int) -> Sequence[int]:
-    """Failed messages whose automatic retry is due, oldest first."""
+    """Failed messages whose automatic retry is due, longest due first.
+
+    In the order of the (status, next_attempt_at) index, so the first `limit` due ones are read
+    and no more, however many failures wait for a human."""
     query = (
         select(InboundMessage.id)
         .where(
             InboundMessage.status == Fate.FAILED,
             InboundMessage.next_attempt_at <= now,
         )
-        .order_by(InboundMessage.id)
+        .order_by(InboundMessage.next_attempt_at, InboundMessage.id)
         .limit(limit)
     )
     return session.scalars(query).all()

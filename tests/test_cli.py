@@ -190,7 +190,7 @@ def test_mta_pipe_exits_0_when_stored_but_the_database_fails_afterwards(tmp_path
     with engine.begin() as conn:  # the ledger accepts the row, then refuses every update
         conn.execute(
             text(
-                "CREATE TRIGGER refuse_updates BEFORE UPDATE ON inbound_messages "
+                "CREATE TRIGGER refuse_updates BEFORE UPDATE ON inbound_ledger "
                 "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
             )
         )

@@ -271,7 +271,7 @@ def lock_timeout_router(db_url: str) -> tuple:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SET LOCAL lock_timeout = '100ms'"))
             conn.execute(
-                text("UPDATE inbound_messages SET attempts = attempts WHERE id = :id"),
+                text("UPDATE inbound_ledger SET attempts = attempts WHERE id = :id"),
                 {"id": mail.inbound_id},
             )
         raise AssertionError("the update should have timed out")
@@ -382,7 +382,7 @@ def test_outdated_schema_exits_3_and_downgrade_keeps_discarded_rows(tmp_path, mo
     sessions = db.make_session_factory(engine)
     inbound_id = fail_one(Settings(database={"url": url}), sessions, NOT_MAIL)
     with sessions.begin() as session:
-        session.execute(text("UPDATE inbound_messages SET status = 'discarded'"))
+        session.execute(text("UPDATE inbound_ledger SET status = 'discarded'"))
     command.downgrade(db.alembic_config(engine), "0001")
     with engine.connect() as conn:
         status = conn.execute(text("SELECT status FROM inbound_messages")).scalar_one()

@@ -218,13 +218,13 @@ def test_database_unavailable_gets_451_and_the_same_client_retry_succeeds(serve,
     raw = simple_mail(message_id="<retry-1@denwa-daiko.example.com>")
     client = smtp_client(service.port())
     try:
-        rename_ledger(engine, "inbound_messages", "inbound_messages_away")
+        rename_ledger(engine, "inbound_ledger", "inbound_ledger_away")
         try:
             while_down = send(client, raw)
             with engine.connect() as conn:
-                recorded = conn.scalar(text("SELECT count(*) FROM inbound_messages_away"))
+                recorded = conn.scalar(text("SELECT count(*) FROM inbound_ledger_away"))
         finally:
-            rename_ledger(engine, "inbound_messages_away", "inbound_messages")
+            rename_ledger(engine, "inbound_ledger_away", "inbound_ledger")
         after = send(client, raw)
     finally:
         client.quit()
