@@ -610,7 +610,10 @@ def parse_file(
 def tickets_list(
     ctx: typer.Context,
     limit: LimitOption = 50,
-    status: Annotated[str | None, typer.Option(help="Only tickets in this status.")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="Only tickets in this status (`open`, or one the tracker has set)."),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """List tickets, newest first."""
@@ -618,6 +621,12 @@ def tickets_list(
     from views.records import ticket_view
 
     with runtime(ctx) as rt, rt.sessions() as session:
+        # The tracker owns ticket statuses after `open`: the valid ones are those in the store.
+        known = sorted({"open", *repo.ticket_statuses(session)})
+        if status is not None and status not in known:
+            raise fail(
+                f"--status {status}: no ticket has it (have: {', '.join(known)})", EXIT_USAGE
+            )
         tickets = [ticket_view(t) for t in repo.list_tickets(session, limit, status)]
     columns = ["key", "created_at", "source_kind", "category", "assignee", "priority", "subject"]
     print_rows("tickets", columns, tickets, json_output)

@@ -225,6 +225,11 @@ def set_fate(
     )
 
 
+def ticket_statuses(session: Session) -> set[str]:
+    """The statuses tickets have now (`open` when made; the tracker sets the others)."""
+    return set(session.scalars(select(Ticket.status).distinct()).all())
+
+
 def list_tickets(session: Session, limit: int = 50, status: str | None = None) -> Sequence[Ticket]:
     query = select(Ticket).order_by(Ticket.id.desc()).limit(limit)
     if status:

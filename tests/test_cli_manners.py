@@ -26,6 +26,7 @@ def run(tmp_path):
     ("args", "choice"),
     [
         (("messages", "list", "--status", "bogus"), "dropped"),
+        (("tickets", "list", "--status", "bogus"), "open"),
         (("failed", "list", "--stage", "bogus"), "follow_up"),
         (("failed", "list", "--source", "carrier-pigeon"), "imap"),
         (("failed", "replay", "--all", "--source", "carrier-pigeon"), "lmtp"),
