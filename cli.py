@@ -119,6 +119,7 @@ class LogFormat(enum.StrEnum):
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+TicketKey = Annotated[str, typer.Argument(help="Ticket key, e.g. INQ-42.")]
 LimitOption = Annotated[int, typer.Option(min=1, help="At most this many, newest first.")]
 
 
@@ -645,7 +646,7 @@ def ticket_or_exit(session: Session, key: str) -> Ticket:
 @tickets_app.command("show")
 def tickets_show(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Ticket key, e.g. INQ-42.")],
+    key: TicketKey,
     json_output: JsonOption = False,
 ) -> None:
     """Show one ticket with its body, comments and attachments."""
@@ -684,7 +685,7 @@ def tickets_show(
 @attachments_app.command("list")
 def attachments_list(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Ticket key, e.g. INQ-42.")],
+    key: TicketKey,
     json_output: JsonOption = False,
 ) -> None:
     """List the attachments of a ticket and of its comments, with the ids `save` takes."""
