@@ -154,7 +154,7 @@ class Runtime:
 
         if self._templates is None:
             chosen = self.settings.templates
-            required = "path" in chosen.model_fields_set
+            required = chosen.required
             try:
                 self._templates = TemplatesHolder.load(chosen.path, required=required)
             except ConfigError as exc:
@@ -336,13 +336,14 @@ def json_value(value: Any) -> Any:
 
 
 def display_zone() -> tzinfo:
-    """The configured time zone, for times shown to people."""
-    from config import Settings
+    """The configured time zone, for times shown to people (the default one before a command
+    has read the configuration)."""
+    from config import DEFAULT_TIMEZONE, zone_named
 
     context = click.get_current_context(silent=True)
     state = context.find_root().obj if context else None
     settings = state.settings if isinstance(state, CliState) else None
-    return (settings or Settings()).zone
+    return settings.zone if settings else zone_named(DEFAULT_TIMEZONE)
 
 
 def print_fields(view: dict[str, Any], names: Iterable[str]) -> None:
@@ -1216,7 +1217,7 @@ def templates_or_exit(ctx: typer.Context, given: Path | None) -> list[Template]:
     chosen = settings_of(ctx).templates
     path = given or chosen.path
     try:
-        return load_templates(path, required=given is not None or "path" in chosen.model_fields_set)
+        return load_templates(path, required=given is not None or chosen.required)
     except ConfigError as exc:
         raise fail(f"templates file refused:\n{exc}", EXIT_USAGE) from exc
 

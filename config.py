@@ -111,9 +111,15 @@ class DetectSettings(Section):
 
 
 class TemplateSettings(Section):
-    """The source templates file (see templates.yaml); a missing file means no templates."""
+    """The source templates file (see templates.yaml). A configured file must exist; the
+    default one, never configured, may be missing (then there are no templates)."""
 
     path: Path = Path("templates.yaml")
+
+    @property
+    def required(self) -> bool:
+        """Whether `path` was configured (in the file or the environment), not the default."""
+        return "path" in self.model_fields_set
 
 
 class RulesSettings(Section):
@@ -684,7 +690,7 @@ def anchor_paths(settings: Settings, base: Path) -> None:
     def at(value: Path | None) -> Path | None:
         return value if value is None or value.is_absolute() else base / value
 
-    configured = "path" in settings.templates.model_fields_set
+    configured = settings.templates.required
     settings.templates.path = base / settings.templates.path  # an absolute path stays as it is
     if not configured:  # still the default: a missing file means no templates, not an error
         settings.templates.model_fields_set.discard("path")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection
 
@@ -175,6 +176,7 @@ def detect(mail: IncomingMail) -> None:
     mail.parsed.reply_text = strip_quoted(mail.parsed.text)
 
 
+@functools.cache  # one prefix per service: compiled once, not per message
 def ticket_key_pattern(prefix: str) -> re2._Regexp:
     return compile_regex(rf"\[({re.escape(prefix)}-\d+)\]")
 

@@ -48,5 +48,5 @@ class PipelineContext:
             return self.template_source()
         if self.templates is None:
             chosen = self.settings.templates
-            self.templates = load_templates(chosen.path, required="path" in chosen.model_fields_set)
+            self.templates = load_templates(chosen.path, required=chosen.required)
         return self.templates

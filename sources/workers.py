@@ -246,7 +246,7 @@ def _rules_holder(spec: WorkerSpec) -> RulesHolder | None:
 
 def _templates_holder(spec: WorkerSpec) -> TemplatesHolder:
     chosen = spec.settings.templates
-    required = "path" in chosen.model_fields_set
+    required = chosen.required
     try:
         return TemplatesHolder.load(chosen.path, required=required)
     except ConfigError as exc:
