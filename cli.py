@@ -713,12 +713,15 @@ def attachments_save(
 ) -> None:
     """Save an attachment's exact bytes to a file."""
     from storage import repo
+    from storage.models import purged
 
     with runtime(ctx) as rt, rt.sessions() as session:
         found = repo.attachment_content(session, attachment_id)
     if found is None:
         raise fail(f"no attachment {attachment_id}", EXIT_FAILED)
     attachment, content = found
+    if purged(attachment.sha256, content):
+        raise fail(purged_note(f"attachment {attachment_id}", attachment.sha256), EXIT_FAILED)
     if output == Path("-"):
         sys.stdout.buffer.write(content)
         return
@@ -727,6 +730,13 @@ def attachments_save(
         raise fail(f"{target} exists: give --force to overwrite it", EXIT_USAGE)
     target.write_bytes(content)
     err.print(f"saved {target} ({len(content)} bytes)", highlight=False, markup=False)
+
+
+def purged_note(what: str, sha256: str) -> str:
+    return (
+        f"{what}: its bytes were dropped by retention (`mailintake purge`); the row keeps "
+        f"sha256 {sha256} and the size"
+    )
 
 
 @messages_app.command("list")
@@ -849,16 +859,18 @@ def failed_show(
 
     with runtime(ctx) as rt, rt.sessions() as session:
         message = ledger_message(session, ref)
+        kept = b"" if message.raw_purged else message.raw
         view = message_view(message) | {
             "envelope": message.envelope,
-            "headers": [[name, value] for name, value in decoded_headers(message.raw)],
+            "raw_purged": message.raw_purged,
+            "headers": [[name, value] for name, value in decoded_headers(kept)],
             "history": history_of(session, message.id),
         }
     if json_output:
         print_json(view)
         return
     print_fields(view, (n for n in view if n not in ("error", "headers", "history")))
-    out.print("[bold]headers[/bold]:")
+    out.print("[bold]headers[/bold]:" + (" (raw bytes purged by retention)" * view["raw_purged"]))
     for name, value in view["headers"]:
         out.print(f"  {name}: {value}", highlight=False, markup=False)
     out.print("[bold]error[/bold]:")
@@ -878,6 +890,8 @@ def failed_export(
     with runtime(ctx) as rt, rt.sessions() as session:
         message = ledger_message(session, ref)
         inbound_id, raw = message.id, message.raw
+        if message.raw_purged:
+            raise fail(purged_note(f"message {inbound_id}", message.sha256), EXIT_FAILED)
     if output is None:
         stdout = typer.get_binary_stream("stdout")
         stdout.write(raw)
@@ -1335,6 +1349,157 @@ def db_upgrade(ctx: typer.Context) -> None:
     with runtime(ctx, migrate=False) as rt:
         db.upgrade(rt.engine)
         out.print(f"database at revision {db.current_revision(rt.engine)}")
+
+
+# --- operating it: doctor, status, stats, purge -----------------------------------------------
+
+
+@app.command()
+def doctor(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """Check that this installation can run, and say how to fix what cannot.
+
+    Checks the configuration, that the database is reachable and at the newest migration, the
+    rules and templates files (as `rules check` and `serve` load them), `authserv_id` when a
+    rule tests `auth`, that the listener ports are free (or held by this service: its /healthz
+    answers), and that each IMAP account logs in and has its folders. Writes nothing.
+    Exits 1 if any check fails."""
+    from rich.table import Table
+
+    from sources.doctor import Outcome, diagnose
+
+    checks = diagnose(ctx.obj.config)
+    broken = any(c.outcome == Outcome.FAIL for c in checks)
+    if json_output:
+        print_json({"ok": not broken, "checks": [c.as_dict() for c in checks]})
+    else:
+        styles = {Outcome.OK: "green", Outcome.FAIL: "bold red", Outcome.SKIP: "dim"}
+        table = Table(title="mailintake doctor")
+        for column in ("check", "result", "detail", "how to fix"):
+            table.add_column(column, overflow="fold")
+        for c in checks:
+            result = f"[{styles[c.outcome]}]{c.outcome}[/]"
+            table.add_row(escape(c.name), result, escape(c.detail), escape(c.fix))
+        out.print(table)
+    if broken:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def status(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """Show how intake stands, from the store.
+
+    The backlog (messages not processed yet) and how long the oldest has waited, messages by
+    fate, failures by stage, retries scheduled and due, the newest message of each source, the
+    IMAP fetch checkpoints, and the rules version that made the last ticket."""
+    from storage.models import utcnow
+    from views.status import collect_status
+
+    with runtime(ctx, read_only=True) as rt, rt.sessions() as session:
+        state = collect_status(session, utcnow())
+    if json_output:
+        print_json(state.as_dict())
+        return
+    view = state.as_dict()
+    view["oldest_unprocessed_age"] = f"{state.oldest_unprocessed_age_seconds:.0f} s"
+    view["last_ticket"] = (
+        f"{state.last_ticket.key} at {readable(state.last_ticket.created_at)}, rules "
+        f"{(state.last_ticket.rules_version or '-')[:12]}"
+        if state.last_ticket
+        else None
+    )
+    names = ["backlog", "oldest_unprocessed_at", "oldest_unprocessed_age", "by_status"]
+    print_fields(view, [*names, "failed_by_stage", "retries_scheduled", "retries_due"])
+    print_fields(view, ["last_ticket"])
+    sources = [{"source": k, **v} for k, v in view["last_by_source"].items()]
+    if sources:
+        columns = ["source", "id", "received_at", "message_id"]
+        print_rows("last message per source", columns, sources, json_output=False)
+    if view["imap_checkpoints"]:
+        columns = ["account", "folder", "uidvalidity", "last_uid", "updated_at"]
+        print_rows("IMAP checkpoints", columns, view["imap_checkpoints"], json_output=False)
+
+
+@app.command()
+def stats(
+    ctx: typer.Context,
+    since: Annotated[
+        str, typer.Option(help="Received within 1d, 12h, 1w, or since an ISO date.")
+    ] = "1d",
+    json_output: JsonOption = False,
+) -> None:
+    """Count what arrived: messages by source and fate, tickets by category and assignee."""
+    from pipeline.replay import parse_since
+    from views.status import collect_stats
+
+    try:
+        start = parse_since(since, settings_of(ctx).zone)
+    except ValueError as exc:
+        raise fail(f"--since: {exc}", EXIT_USAGE) from exc
+    with runtime(ctx, read_only=True) as rt, rt.sessions() as session:
+        counted = collect_stats(session, start)
+    if json_output:
+        print_json(counted.as_dict())
+        return
+    out.print(f"since {readable(start)}", highlight=False)
+    groups: list[tuple[str, dict[Any, int]]] = [
+        ("messages by source", counted.by_source),
+        ("messages by fate", counted.by_fate),
+        ("tickets by category", counted.by_category),
+        ("tickets by assignee", counted.by_assignee),
+    ]
+    for title, counts in groups:
+        rows = [{"": readable(k), "count": n} for k, n in sorted(counts.items(), key=str)]
+        print_rows(title, ["", "count"], rows, json_output=False)
+
+
+@app.command()
+def purge(
+    ctx: typer.Context,
+    raw_older_than: Annotated[
+        str,
+        typer.Option(
+            "--raw-older-than", help="Messages received before 180d, 26w ago, or an ISO date."
+        ),
+    ],
+    yes: Annotated[bool, typer.Option("--yes", help="Do it (default: only show).")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Drop the raw bytes and attachment contents of old messages whose fate is final.
+
+    Ticket, comment, duplicate and dropped messages received before the cutoff lose their raw
+    bytes, and attachments only they use lose their content; every row stays, with its sha256
+    and size. Failed, discarded and unprocessed messages keep everything. Without --yes, only
+    shows what would go. See docs/operations.md (retention and backups)."""
+    from pipeline.replay import parse_since
+    from pipeline.retention import plan_purge
+    from pipeline.retention import purge as carry_out
+
+    try:
+        before = parse_since(raw_older_than, settings_of(ctx).zone)
+    except ValueError as exc:
+        raise fail(f"--raw-older-than: {exc}", EXIT_USAGE) from exc
+    with runtime(ctx) as rt:
+        plan = plan_purge(rt.sessions, before)
+        summary = {"dry_run": not yes, **plan.summary()}
+        if yes:
+            with progress_bar("purging") as bar:
+                task = bar.add_task("purge", total=plan.steps)
+                emptied = carry_out(rt.sessions, plan, lambda n: bar.advance(task, n))
+            summary |= {"emptied_messages": emptied[0], "emptied_blobs": emptied[1]}
+    if json_output:
+        print_json(summary)
+        return
+    verb = "emptied" if yes else "would empty"
+    out.print(
+        f"{verb} the raw bytes of {summary['messages']} message(s) received before "
+        f"{readable(before)} ({summary['raw_bytes']:,} bytes; ledger ids "
+        f"{summary['first_id'] or '-'} to {summary['last_id'] or '-'}) and "
+        f"{summary['attachment_blobs']} attachment content(s) ({summary['attachment_bytes']:,} "
+        "bytes)",
+        highlight=False,
+    )
+    if not yes:
+        out.print("nothing changed: give --yes to purge", highlight=False)
 
 
 def main() -> None:

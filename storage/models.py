@@ -3,6 +3,7 @@ through an Alembic migration in storage/migrations/versions/."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -26,6 +27,15 @@ from storage.states import Fate
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def purged(sha256: str, content: bytes) -> bool:
+    """Whether stored bytes were emptied by `mailintake purge`: they no longer match their
+    recorded hash (a message that was empty, or never fetched, records the hash of nothing)."""
+    return not content and sha256 != EMPTY_SHA256
 
 
 class ClippedString(TypeDecorator[str]):
@@ -141,6 +151,11 @@ class InboundMessage(Base):
             self.content = InboundRaw(raw=value)
         else:
             self.content.raw = value
+
+    @property
+    def raw_purged(self) -> bool:
+        """The raw bytes were dropped by retention (`mailintake purge`); row, sha256, size stay."""
+        return purged(self.sha256, self.raw)
 
 
 class InboundRaw(Base):

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Row, Update, func, or_, select, text, update
+from sqlalchemy import CursorResult, Row, Update, and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, lazyload
+from sqlalchemy.orm import Session, aliased, lazyload
 
 from storage.models import (
+    EMPTY_SHA256,
     AssignmentCursor,
     Attachment,
     AttachmentBlob,
@@ -25,7 +25,7 @@ from storage.models import (
     TicketComment,
     utcnow,
 )
-from storage.states import PROCESSABLE, SETTLED, WITH_RECORD, Fate, Stage
+from storage.states import FINAL, PROCESSABLE, SETTLED, WITH_RECORD, Fate, Stage
 
 RELEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None, "interruptions": 0}
 
@@ -488,7 +488,7 @@ def add_unfetched(
         source=source,
         raw=b"",
         size=size,
-        sha256=hashlib.sha256(b"").hexdigest(),
+        sha256=EMPTY_SHA256,
         message_id=message_id,
         dedupe_key=dedupe_key,
         envelope=envelope,
@@ -539,12 +539,140 @@ def open_ticket_counts(session: Session, assignees: Sequence[str]) -> dict[str, 
 
 def routed_since(session: Session, since: datetime) -> Sequence[tuple[int, str | None]]:
     """(ledger id, key of the ticket it opened) of messages received since `since` that were
-    routed (ticket, comment, dropped) or failed, oldest first: what `rules diff` replays."""
+    routed (ticket, comment, dropped) or failed, oldest first: what `rules diff` replays (not
+    those whose raw bytes `purge` dropped)."""
     routed = (*WITH_RECORD, Fate.DROPPED, Fate.FAILED)
+    raw_kept = or_(func.length(InboundRaw.raw) > 0, InboundMessage.sha256 == EMPTY_SHA256)
     query = (
         select(InboundMessage.id, Ticket.key)
+        .join(InboundRaw, InboundRaw.inbound_message_id == InboundMessage.id)
         .outerjoin(Ticket, Ticket.inbound_message_id == InboundMessage.id)
-        .where(InboundMessage.received_at >= since, InboundMessage.status.in_(routed))
+        .where(InboundMessage.received_at >= since, InboundMessage.status.in_(routed), raw_kept)
         .order_by(InboundMessage.id)
     )
     return [(inbound_id, key) for inbound_id, key in session.execute(query).all()]
+
+
+# --- operations: `status`, `stats` and retention (`purge`) ------------------------------------
+
+
+def failures_by_stage(session: Session) -> dict[str, int]:
+    query = (
+        select(InboundMessage.fail_stage, func.count())
+        .where(InboundMessage.status == Fate.FAILED)
+        .group_by(InboundMessage.fail_stage)
+    )
+    return {stage or "?": count for stage, count in session.execute(query).all()}
+
+
+def retries_due(session: Session, now: datetime) -> int:
+    """Failed messages whose automatic retry time has come (the index on status, time)."""
+    query = select(func.count()).where(
+        InboundMessage.status == Fate.FAILED, InboundMessage.next_attempt_at <= now
+    )
+    return session.scalar(query) or 0
+
+
+def last_received_by_source(session: Session) -> Sequence[Row[int, str, datetime, str | None]]:
+    """(id, source, received_at, message_id) of the newest message of each source."""
+    newest = select(func.max(InboundMessage.id)).group_by(InboundMessage.source)
+    query = (
+        select(
+            InboundMessage.id,
+            InboundMessage.source,
+            InboundMessage.received_at,
+            InboundMessage.message_id,
+        )
+        .where(InboundMessage.id.in_(newest))
+        .order_by(InboundMessage.source)
+    )
+    return session.execute(query).all()
+
+
+def imap_checkpoints(session: Session) -> Sequence[ImapCheckpoint]:
+    query = select(ImapCheckpoint).order_by(ImapCheckpoint.account, ImapCheckpoint.folder)
+    return session.scalars(query).all()
+
+
+def last_ticket(session: Session) -> Ticket | None:
+    return session.scalars(select(Ticket).order_by(Ticket.id.desc()).limit(1)).first()
+
+
+def received_since_by(session: Session, column: str, since: datetime) -> dict[str, int]:
+    """Messages received since `since`, counted by a ledger column (`source`, `status`)."""
+    grouped = getattr(InboundMessage, column)
+    query = (
+        select(grouped, func.count()).where(InboundMessage.received_at >= since).group_by(grouped)
+    )
+    return {value: count for value, count in session.execute(query).all()}
+
+
+def tickets_since_by(session: Session, column: str, since: datetime) -> dict[str | None, int]:
+    """Tickets made since `since`, counted by a ticket column (`category`, `assignee`)."""
+    grouped = getattr(Ticket, column)
+    query = select(grouped, func.count()).where(Ticket.created_at >= since).group_by(grouped)
+    return {value: count for value, count in session.execute(query).all()}
+
+
+def _final_before(before: datetime) -> Any:
+    """Ledger rows whose fate is final and that were received before `before`."""
+    return and_(InboundMessage.status.in_(FINAL), InboundMessage.received_at < before)
+
+
+def raw_to_purge(session: Session, before: datetime) -> Sequence[Row[int, int]]:
+    """(ledger id, bytes) of the raw messages `purge` would empty, oldest first."""
+    stored = func.length(InboundRaw.raw)
+    query = (
+        select(InboundRaw.inbound_message_id, stored)
+        .join(InboundMessage, InboundMessage.id == InboundRaw.inbound_message_id)
+        .where(_final_before(before), stored > 0)
+        .order_by(InboundRaw.inbound_message_id)
+    )
+    return session.execute(query).all()
+
+
+def blobs_to_purge(session: Session, before: datetime) -> Sequence[Row[str, int]]:
+    """(sha256, bytes) of attachment contents that only messages `purge` empties refer to: a
+    blob one other message (newer, failed, unprocessed) shares keeps its content."""
+    other = aliased(InboundMessage)
+    still_needed = (
+        select(Attachment.id)
+        .join(other, other.id == Attachment.inbound_message_id)
+        .where(
+            Attachment.sha256 == AttachmentBlob.sha256,
+            or_(other.status.not_in(FINAL), other.received_at >= before),
+        )
+    )
+    stored = func.length(AttachmentBlob.content)
+    query = (
+        select(AttachmentBlob.sha256, stored)
+        .where(
+            stored > 0,
+            select(Attachment.id).where(Attachment.sha256 == AttachmentBlob.sha256).exists(),
+            ~still_needed.exists(),
+        )
+        .order_by(AttachmentBlob.sha256)
+    )
+    return session.execute(query).all()
+
+
+def purge_raw(session: Session, ids: Sequence[int]) -> int:
+    """Empty the raw bytes of these (final) messages; the ledger row keeps sha256 and size."""
+    statement = (
+        update(InboundRaw)
+        .where(InboundRaw.inbound_message_id.in_(ids))
+        .where(
+            select(InboundMessage.id)
+            .where(InboundMessage.id == InboundRaw.inbound_message_id)
+            .where(InboundMessage.status.in_(FINAL))
+            .exists()
+        )
+        .values(raw=b"")
+    )
+    return _rows_updated(session, statement)
+
+
+def purge_blobs(session: Session, digests: Sequence[str]) -> int:
+    """Empty these attachment contents; the blob keeps its sha256 and size."""
+    statement = update(AttachmentBlob).where(AttachmentBlob.sha256.in_(digests)).values(content=b"")
+    return _rows_updated(session, statement)

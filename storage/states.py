@@ -22,6 +22,7 @@ class Fate(enum.StrEnum):
 PROCESSABLE = (Fate.RECEIVED, Fate.FAILED)  # what processing may (still) work on
 WITH_RECORD = (Fate.TICKET, Fate.COMMENT)  # the fates that wrote a ticket or a comment
 SETTLED = (*WITH_RECORD, Fate.DROPPED)  # a later delivery of such a message is a duplicate
+FINAL = (*SETTLED, Fate.DUPLICATE)  # done for good: what retention may drop raw bytes of
 
 
 class Source(enum.StrEnum):
