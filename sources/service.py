@@ -50,6 +50,7 @@ from sources.smtp import (
     protocol_factory,
     tls_context,
 )
+from sources.systemd import notify
 from sources.workers import ProcessingWorker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -279,8 +280,10 @@ async def serve_until_signalled(service: Service) -> None:
 
     def on_signal(signum: signal.Signals) -> None:
         log.info("%s received: shutting down", signum.name)
+        notify("STOPPING=1")
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await service.run(stop)
+    # Type=notify: systemd counts the service started once every listener is bound.
+    await service.run(stop, on_ready=partial(notify, "READY=1"))
