@@ -154,7 +154,7 @@ def test_show_gives_envelope_headers_traceback_and_history(cli, settings, sessio
     assert result.exit_code == 0, result.output
     view = json.loads(result.stdout)
     message_keys = json.loads(cli("messages", "show", str(inbound_id), "--json").stdout).keys()
-    assert set(view) == message_keys | {"envelope", "headers"}
+    assert set(view) == message_keys | {"envelope", "headers", "raw_purged"}
     assert (view["id"], view["status"], view["fail_stage"]) == (inbound_id, "failed", "route")
     assert view["envelope"] == {}
     assert ["Subject", "見積依頼"] in view["headers"]
