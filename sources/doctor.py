@@ -22,7 +22,14 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from config import ConfigError, ImapAccount, ListenerSettings, Settings, load_settings
+from config import (
+    ConfigError,
+    ImapAccount,
+    ListenerSettings,
+    Settings,
+    config_path,
+    load_settings,
+)
 from ingest.extract import load_templates
 from rules.engine import CompiledRules
 from rules.load import RulesError, load_rules
@@ -73,7 +80,9 @@ def diagnose(config: Path | None) -> list[Check]:
             failed("config", str(exc), fix),
             skip("everything else", "needs a valid configuration"),
         ]
-    checks = [ok("config", f"{config or 'default'}: valid")]
+    chosen = config_path(config)
+    where = f"{chosen}: valid" if chosen.exists() else f"no {chosen}: built-in defaults"
+    checks = [ok("config", where + " (with MAILINTAKE_* variables)")]
     checks += database_checks(settings)
     checks += rules_checks(settings)
     checks.append(templates_check(settings))
