@@ -7,7 +7,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Row, Update, and_, func, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Row,
+    Update,
+    and_,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased, lazyload
@@ -614,7 +625,7 @@ def tickets_since_by(session: Session, column: str, since: datetime) -> dict[str
     return {value: count for value, count in session.execute(query).all()}
 
 
-def _final_before(before: datetime) -> Any:
+def _final_before(before: datetime) -> ColumnElement[bool]:
     """Ledger rows whose fate is final and that were received before `before`."""
     return and_(InboundMessage.status.in_(FINAL), InboundMessage.received_at < before)
 
