@@ -5,6 +5,7 @@ databases. The browser drives them in tests/test_web_browser.py."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from storage import repo
 from storage.models import Ticket, utcnow
 from storage.states import Fate
 from tests.mails import simple_mail
+from tests.servers import ServeProcess
 from tests.web_server import ADMIN, RULES, VIEWER, Client, WebServer, web_settings
 from views.records import history_of
 from web.auth import check_login
@@ -120,7 +122,11 @@ def test_the_same_replay_through_the_cli_and_the_web(web, sessions, tmp_path):
         histories = [
             [(h["outcome"], h["stage"]) for h in history_of(session, i)] for i in (by_cli, by_web)
         ]
-    assert decided[0] == decided[1] == ("order", "sato", "high", "【注文】赤ワイン 12本", ["order-by-subject"])
+    assert (
+        decided[0]
+        == decided[1]
+        == ("order", "sato", "high", "【注文】赤ワイン 12本", ["order-by-subject"])
+    )
     assert histories[0] == histories[1] == [("failed", "route"), ("ticket", None)]
     assert f'href="/tickets/{made[by_web].key}"' in reply.body
 
@@ -234,3 +240,37 @@ def test_hourly_fates_and_the_ledger_query(settings, sessions):
     assert [m.id for m, _head, key in tickets] == ids[1::-1]
     assert all(key and key.startswith("INQ-") and b"Subject:" in head for _m, head, key in tickets)
     assert [m.id for m, _head, _key in older] == ids[1::-1]
+
+
+HTTP_LISTENING = re.compile(r"listening for HTTP on 127\.0\.0\.1:(\d+)")
+
+
+def test_serve_mounts_the_pages_only_when_enabled(tmp_path, serve_processes, monkeypatch):
+    """`mailintake serve` as it runs: the pages beside /metrics when `web.enabled`."""
+    assert Settings().web.enabled is False
+    monkeypatch.setenv("MAILINTAKE_PROCESSING__MODE", "thread")
+    child = ServeProcess(tmp_path, port=0)
+    serve_processes.append(child)
+    plain = Client(f"http://127.0.0.1:{int(child.wait_for_line(HTTP_LISTENING).group(1))}")
+    assert plain.request("/login").status == 404
+    assert plain.request("/healthz").status == 200
+    child.proc.terminate()
+    assert child.finish() == 0
+
+    settings = web_settings("sqlite://", tmp_path / "rules.yaml")
+    accounts = {n: a.model_dump(mode="json") for n, a in settings.web.accounts.items()}
+    for name, account in accounts.items():
+        account["password_hash"] = settings.web.accounts[name].password_hash.get_secret_value()
+    monkeypatch.setenv("MAILINTAKE_WEB__ENABLED", "true")
+    monkeypatch.setenv("MAILINTAKE_WEB__SECRET", "a-secret-of-32-characters-000000")
+    monkeypatch.setenv("MAILINTAKE_WEB__ACCOUNTS", json.dumps(accounts))
+    (tmp_path / "web").mkdir()
+    child = ServeProcess(tmp_path / "web", port=0)
+    serve_processes.append(child)
+    client = Client(f"http://127.0.0.1:{int(child.wait_for_line(HTTP_LISTENING).group(1))}")
+    assert client.login(*ADMIN).status == 200
+    assert "Dashboard" in client.request("/").body
+    assert "No failed messages." in client.request("/failures").body
+    assert client.request("/metrics").status == 200
+    child.proc.terminate()
+    assert child.finish() == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.datastructures import FormData
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
@@ -30,7 +31,11 @@ async def login_page(site: Site, request: Request) -> Response:
         if current_user(site.settings, request) is not None:
             return RedirectResponse(safe_next(request.query_params.get("next", "/")), 303)
         return site.render(request, None, "login.html", next=request.query_params.get("next", "/"))
-    form = await request.form()
+    async with request.form() as form:
+        return await _log_in(site, request, form)
+
+
+async def _log_in(site: Site, request: Request, form: FormData) -> Response:
     next_page = safe_next(str(form.get("next") or "/"))
     if not csrf_ok(request, form.get(CSRF_FIELD)):
         message = "The login form expired: try again."
@@ -50,9 +55,9 @@ async def login_page(site: Site, request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
-    form = await request.form()
-    if csrf_ok(request, form.get(CSRF_FIELD)):
-        request.session.clear()
+    async with request.form() as form:
+        if csrf_ok(request, form.get(CSRF_FIELD)):
+            request.session.clear()
     return RedirectResponse("/login", 303)
 
 

@@ -113,12 +113,16 @@ def guarded(site: Site, handler: Handler, role: Role = "viewer") -> Callable[...
             if request.method == "GET":
                 return RedirectResponse(f"/login?next={quote(request.url.path)}", 303)
             return refusal(site, request, None, 401, "Log in first.")
-        if request.method == "POST":
-            form = await request.form()
+        if request.method != "POST":
+            return await allowed(request, user)
+        async with request.form() as form:  # uploads (spooled files) are closed after
             if not csrf_ok(request, form.get(CSRF_FIELD)):
                 message = "The form's CSRF token is missing or wrong: reload the page and retry."
                 return refusal(site, request, user, 403, message)
             request.state.form = form
+            return await allowed(request, user)
+
+    async def allowed(request: Request, user: User) -> Response:
         if role == "admin" and not user.is_admin:
             return refusal(site, request, user, 403, "This needs the admin role.")
         return await handler(site, request, user)
