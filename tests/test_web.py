@@ -29,6 +29,7 @@ from tests.mails import simple_mail
 from tests.servers import ServeProcess
 from tests.web_server import ADMIN, RULES, VIEWER, Client, WebServer, web_settings
 from views.records import history_of
+from web.app import safe_next
 from web.auth import check_login
 
 FILE = Envelope(source="file")
@@ -274,3 +275,32 @@ def test_serve_mounts_the_pages_only_when_enabled(tmp_path, serve_processes, mon
     assert client.request("/metrics").status == 200
     child.proc.terminate()
     assert child.finish() == 0
+
+
+def test_the_playground_lists_problems_of_a_broken_edit_and_saves_nothing(web, rules_path):
+    client = Client(web.url)
+    client.login(*VIEWER)
+    broken = RULES.replace("assignee: sato", "assignee: satou")
+    page = client.request("/playground", {"csrf": client.csrf("/playground"), "rules": broken})
+    assert page.status == 200
+    assert (
+        "rules.yaml:10:29: rules.0.then.assignee" in page.body
+        and "unknown assignee `satou`" in page.body
+    )
+    assert "mailintake-playground" not in page.body  # the temporary copy's folder stays hidden
+    assert rules_path.read_text(encoding="utf-8") == RULES
+
+
+@pytest.mark.parametrize(
+    ("asked", "goes_to"),
+    [
+        ("/failures", "/failures"),
+        ("/tickets/INQ-7", "/tickets/INQ-7"),
+        ("//evil.example", "/"),
+        ("/\\evil.example", "/"),
+        ("https://evil.example/", "/"),
+        ("/\t/evil.example", "/"),
+    ],
+)
+def test_login_sends_back_only_to_a_page_of_this_site(asked, goes_to):
+    assert safe_next(asked) == goes_to

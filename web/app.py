@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -21,9 +22,16 @@ from web.site import Site, guarded
 SESSION_COOKIE = "mailintake_session"
 
 
+PATH_CHARACTERS = frozenset(string.ascii_letters + string.digits + "/-_.")
+
+
 def safe_next(target: str) -> str:
-    """Only a path on this site (no `//host` or scheme) after login."""
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    """Where to go after login: only a plain path of this site (never `//host`, `/\\host` or
+    anything a browser might read as another origin)."""
+    plain = (
+        target.startswith("/") and target[1:2] not in ("/", ".") and set(target) <= PATH_CHARACTERS
+    )
+    return target if plain else "/"
 
 
 async def login_page(site: Site, request: Request) -> Response:

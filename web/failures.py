@@ -5,6 +5,7 @@ most, whoever replays it and however often."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -17,6 +18,8 @@ from storage.models import InboundMessage, Ticket
 from views.records import failed_view
 from web.auth import User
 from web.site import Site, form_of, refusal
+
+log = logging.getLogger(__name__)
 
 LISTED = 500  # failed messages on the page (the counts are of these)
 HEADER_BYTES = 16 * 1024
@@ -74,6 +77,8 @@ async def replay_action(site: Site, request: Request, user: User) -> Response:
     if not ids:
         return refusal(site, request, user, 400, "Tick the messages to replay.")
     done = await run_in_threadpool(run_replay, site, ids)
+    # The attempts name the serve process; this line names the person.
+    log.info("web user %s replayed %d message(s): %s", user.name, len(ids), done["counts"])
     return site.render(request, user, "outcome.html", action="replay", selected=len(ids), **done)
 
 
@@ -85,6 +90,7 @@ async def discard_action(site: Site, request: Request, user: User) -> Response:
         message = "Tick the messages to discard and say why (the reason is kept for audit)."
         return refusal(site, request, user, 400, message)
     results = await run_in_threadpool(discard, site.sessions, ids, reason)
+    log.info("web user %s discarded %s: %s", user.name, list(results), reason)
     rows = [{"id": i, "outcome": r, "ticket": None} for i, r in results.items()]
     counts: dict[str, int] = {}
     for result in results.values():

@@ -6,6 +6,7 @@ from a temporary copy; the rules file itself is never written."""
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -61,49 +62,51 @@ def running_text(site: Site) -> str:
         return ""
 
 
-def mails(site: Site, ids: list[int], upload: tuple[str, bytes] | None) -> list[tuple[str, Any]]:
-    """(label, a fresh-mail factory) for each stored message and the uploaded file."""
-    chosen: list[tuple[str, Any]] = []
+@dataclass(frozen=True)
+class Sample:
+    """A mail to try the rules on; each routing gets a fresh copy (routing fills it in)."""
+
+    label: str
+    read: IncomingMail
+
+    def mail(self) -> IncomingMail:
+        m = self.read
+        return IncomingMail(m.inbound_id, m.raw, m.envelope, m.received_at, m.dedupe_key)
+
+
+def samples(site: Site, ids: list[int], upload: tuple[str, bytes] | None) -> list[Sample]:
+    """The ticked stored messages, then the uploaded file."""
+    chosen = []
     with site.sessions() as session:
         for inbound_id in ids:
             row = session.get(InboundMessage, inbound_id)
             if row is not None:
-                chosen.append((f"ledger #{inbound_id}", _stored(row)))
+                chosen.append(Sample(f"ledger #{inbound_id}", incoming_mail(row)))
     if upload is not None:
         name, raw = upload
         envelope = Envelope(source=Source.FILE, extra={"origin": name})
-        moment = utcnow()
-        chosen.append((name, lambda: unstored_mail(raw, envelope, moment)))
+        chosen.append(Sample(name, unstored_mail(raw, envelope, utcnow())))
     return chosen
 
 
-def _stored(row: InboundMessage) -> Any:
-    mail = incoming_mail(row)  # read now, while the session is open
-    return lambda: IncomingMail(
-        mail.inbound_id, mail.raw, mail.envelope, mail.received_at, mail.dedupe_key
-    )
-
-
-def try_rules(
-    site: Site, new: CompiledRules, chosen: list[tuple[str, Any]], days: int
-) -> dict[str, Any]:
-    """Each chosen mail explained under `new` (and decided by the running rules), and the diff."""
+def try_rules(site: Site, new: CompiledRules, chosen: list[Sample], days: int) -> dict[str, Any]:
+    """Each sample explained under `new` (and decided by the running rules), and the diff."""
     current = site.rules()
     router = DryRouter(site.settings, site.sessions, new)
     before = DryRouter(site.settings, site.sessions, current) if current else None
     results = []
-    for label, make in chosen:
-        mail = make()
+    for sample in chosen:
+        mail = sample.mail()
         try:
-            result = explained(Path(label), mail, router.route(mail))
+            result = explained(Path(sample.label), mail, router.route(mail))
+            result["now"] = outcome(mail)
+            if before is not None:
+                old = sample.mail()
+                before.route(old)
+                result["running"] = outcome(old)
         except Exception as exc:  # a mail that cannot be routed is a result
-            results.append({"file": label, "error": f"{type(exc).__name__}: {exc}"})
+            results.append({"file": sample.label, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        result["now"] = outcome(mail)
-        if before is not None:
-            old = make()
-            before.route(old)
-            result["running"] = outcome(old)
         results.append(result)
     changes = None
     if current is not None:
@@ -128,13 +131,15 @@ async def try_out(site: Site, request: Request, user: User) -> Response:
     ids = [int(v) for v in form.getlist("id") if isinstance(v, str) and v.isdigit()]
     days_field = str(form.get("days") or "7")
     days = min(max(int(days_field), 1), MAX_DAYS) if days_field.isdigit() else 7
-    upload = await read_upload(site, form.get("eml"))
+    upload, upload_problem = await read_upload(site, form.get("eml"))
     new, problems = await run_in_threadpool(compile_text, site, text)
+    if upload_problem:
+        problems.append(upload_problem)
     picks = await run_in_threadpool(recent, site)
     values: dict[str, Any] = {"text": text, "picks": picks, "picked": set(ids), "days": days}
-    if new is None:
+    if new is None or upload_problem:
         return site.render(request, user, "playground.html", problems=problems, **values)
-    chosen = await run_in_threadpool(mails, site, ids, upload)
+    chosen = await run_in_threadpool(samples, site, ids, upload)
     tried = await run_in_threadpool(try_rules, site, new, chosen, days)
     return site.render(
         request,
@@ -147,10 +152,15 @@ async def try_out(site: Site, request: Request, user: User) -> Response:
     )
 
 
-async def read_upload(site: Site, field: Any) -> tuple[str, bytes] | None:
+async def read_upload(site: Site, field: Any) -> tuple[tuple[str, bytes] | None, str | None]:
+    """(file name, bytes) of the uploaded .eml if any, or the problem with it."""
     if not isinstance(field, UploadFile) or not field.filename:
-        return None
-    raw = await field.read(site.settings.intake.max_message_bytes + 1)
-    if not raw or len(raw) > site.settings.intake.max_message_bytes:
-        return None
-    return Path(field.filename).name, raw
+        return None, None
+    limit = site.settings.intake.max_message_bytes
+    raw = await field.read(limit + 1)
+    name = Path(field.filename).name
+    if len(raw) > limit:
+        return None, f"{name}: larger than intake.max_message_bytes ({limit} bytes)"
+    if not raw:
+        return None, f"{name}: the file is empty"
+    return (name, raw), None
