@@ -5,6 +5,7 @@ attachments, fate, rule hits and misses and its attempts; raw export and attachm
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -46,7 +47,7 @@ class LedgerQuery:
         params = request.query_params
         zone = site.settings.zone
 
-        def moment(name: str) -> Any:
+        def moment(name: str) -> datetime | None:
             value = params.get(name, "").strip()
             try:
                 return parse_since(value, zone) if value else None
@@ -78,8 +79,8 @@ def row_of(message: InboundMessage, head: bytes, ticket_key: str | None) -> dict
     }
 
 
-def matches(row: dict[str, Any], text: str) -> bool:
-    wanted = searchable(text)
+def matches(row: dict[str, Any], wanted: str) -> bool:
+    """Whether `wanted` (already `searchable`) is in the subject, sender or ticket key."""
     fields = (row["subject"], row["from"], row["ticket"] or "")
     return any(wanted in searchable(value) for value in fields)
 
@@ -91,13 +92,14 @@ def find(site: Site, query: LedgerQuery) -> tuple[list[dict[str, Any]], int | No
     rows: list[dict[str, Any]] = []
     before, scanned = query.before, 0
     batch = SCAN_BATCH if query.text else PAGE_SIZE
+    wanted = searchable(query.text)
     with site.sessions() as session:
         while len(rows) < PAGE_SIZE and scanned < SCAN_LIMIT:
             found = repo.ledger_with_head(session, query.wanted, batch, HEADER_BYTES, before)
             for message, head, key in found:
                 before, scanned = message.id, scanned + 1
                 row = row_of(message, head, key)
-                if not query.text or matches(row, query.text):
+                if not query.text or matches(row, wanted):
                     rows.append(row)
                 if len(rows) == PAGE_SIZE:
                     return rows, before
@@ -118,10 +120,13 @@ async def ledger(site: Site, request: Request, user: User) -> Response:
         older = "/ledger?" + "&".join(
             f"{k}={quote(v)}" for k, v in {**params, "before": str(more)}.items()
         )
+    cut_short = bool(query.text) and more is not None and len(rows) < PAGE_SIZE
     return site.render(
         request,
         user,
         "ledger.html",
+        cut_short=cut_short,
+        scan_limit=SCAN_LIMIT,
         rows=rows,
         params=params,
         older=older,
