@@ -1041,7 +1041,7 @@ def serve(ctx: typer.Context) -> None:
                 from web.app import web_routes
                 from web.site import Site
 
-                site = Site(rt.settings, rt.sessions, pipeline, service.parts)
+                site = Site(rt.settings, rt.sessions, service.parts)
                 service.http_routes.extend(web_routes(site))
             asyncio.run(serve_until_signalled(service))
         except ListenerError as exc:

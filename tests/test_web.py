@@ -304,3 +304,16 @@ def test_the_playground_lists_problems_of_a_broken_edit_and_saves_nothing(web, r
 )
 def test_login_sends_back_only_to_a_page_of_this_site(asked, goes_to):
     assert safe_next(asked) == goes_to
+
+
+def test_a_web_replay_routes_with_the_rules_in_force_after_a_reload(web, sessions, rules_path):
+    inbound_id = failed(web.settings, sessions, "【注文】白ワイン")
+    rules_path.write_text(RULES.replace("assignee: sato", "assignee: yamada"), encoding="utf-8")
+    assert web.holder.reload()  # what `serve` does when the file changes
+    admin = Client(web.url)
+    admin.login(*ADMIN)
+    admin.request("/failures/replay", {"csrf": admin.csrf("/failures"), "id": inbound_id})
+    with sessions() as session:
+        [ticket] = session.scalars(select(Ticket)).all()
+    assert (ticket.category, ticket.assignee) == ("order", "yamada")
+    assert ticket.rules_version == web.holder.current().version

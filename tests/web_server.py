@@ -17,8 +17,6 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from pipeline.context import PipelineContext
-from rules.engine import RulesRouter
 from rules.reload import RulesHolder
 from sources.http import HttpListener, Readiness, create_app
 from sources.metrics import Metrics, Parts
@@ -73,9 +71,8 @@ class WebServer:
     def start(self) -> WebServer:
         assert self.settings.rules.path is not None
         self.holder = RulesHolder.load(self.settings.rules.path, self.settings.zone)
-        pipeline = PipelineContext(self.settings, self.sessions, RulesRouter(self.holder.current))
         parts = Parts(rules=self.holder)
-        site = Site(self.settings, self.sessions, pipeline, parts)
+        site = Site(self.settings, self.sessions, parts)
         app = create_app(
             Metrics(self.sessions, parts, None),
             Readiness(self.settings, self.sessions, parts),

@@ -60,7 +60,7 @@ def outcome_rows(site: Site, outcomes: dict[int, str]) -> list[dict[str, Any]]:
 
 
 def run_replay(site: Site, ids: list[int]) -> dict[str, Any]:
-    result = replay(site.pipeline, ids)
+    result = replay(site.pipeline(), ids)
     return {"counts": result.counts(), "rows": outcome_rows(site, result.outcomes)}
 
 

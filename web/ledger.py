@@ -151,7 +151,7 @@ def message_details(site: Site, inbound_id: int) -> dict[str, Any] | None:
         }
         mail = incoming_mail(message)
     try:
-        examine(mail, site.pipeline)  # parse, detect, extract: no database
+        examine(mail, site.pipeline())  # parse, detect, extract: no database
         view["parsed"], view["parse_error"] = parsed_view(mail), None
     except Exception as exc:  # shown as what it is: the message cannot be read
         view["parsed"], view["parse_error"] = None, f"{type(exc).__name__}: {exc}"

@@ -19,7 +19,7 @@ from starlette.templating import Jinja2Templates
 
 from config import Settings
 from pipeline.context import PipelineContext
-from rules.engine import CompiledRules
+from rules.engine import CompiledRules, RulesRouter
 from sources.metrics import Parts
 from web.auth import CSRF_FIELD, Role, User, csrf_ok, csrf_token, current_user
 
@@ -41,8 +41,7 @@ class Site:
 
     settings: Settings
     sessions: sessionmaker[Session]
-    pipeline: PipelineContext  # replays go through it, as `failed replay` does
-    parts: Parts = field(default_factory=Parts)
+    parts: Parts = field(default_factory=Parts)  # the rules and templates in force
     templates: Jinja2Templates = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +52,16 @@ class Site:
         env.filters["when"] = self.when
         env.filters["lang"] = lang_of
         self.templates = Jinja2Templates(env=env)
+
+    def pipeline(self) -> PipelineContext:
+        """The pipeline with the rules and templates the service has now (reloads included),
+        as `failed replay` would build it from the files."""
+        ctx = PipelineContext(self.settings, self.sessions)
+        if self.parts.rules is not None:
+            ctx.router = RulesRouter(self.parts.rules.current)
+        if self.parts.templates is not None:
+            ctx.template_source = self.parts.templates.current
+        return ctx
 
     def rules(self) -> CompiledRules | None:
         """The rules the service routes with now (None without a rules file)."""
