@@ -31,6 +31,8 @@ from tests.web_server import ADMIN, RULES, VIEWER, Client, WebServer, web_settin
 from views.records import history_of
 from web.app import safe_next
 from web.auth import check_login
+from web.dashboard import BAR_WIDTH, CHART_HEIGHT, CHART_HOURS, chart
+from web.site import Site
 
 FILE = Envelope(source="file")
 
@@ -317,3 +319,26 @@ def test_a_web_replay_routes_with_the_rules_in_force_after_a_reload(web, session
         [ticket] = session.scalars(select(Ticket)).all()
     assert (ticket.category, ticket.assignee) == ("order", "yamada")
     assert ticket.rules_version == web.holder.current().version
+
+
+def test_the_chart_stacks_each_hours_fates_to_scale():
+    site = Site(Settings(), sessionmaker())
+    now = utcnow()
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    counts = [
+        (hour, "ticket", 2),
+        (hour, "failed", 1),
+        (hour - timedelta(hours=5), "ticket", 1),
+        (hour - timedelta(days=8), "ticket", 50),  # before the chart: ignored
+    ]
+    drawn = chart(site, counts, now)
+    assert drawn["peak"] == 3
+    last = [b for b in drawn["bars"] if b.x == (CHART_HOURS - 1) * BAR_WIDTH]
+    assert [(b.height, b.title.split(": ")[1]) for b in last] == [
+        (80.0, "2 ticket"),
+        (40.0, "1 failed"),
+    ]
+    assert last[0].y + last[0].height == CHART_HEIGHT and last[1].y == 0
+    [earlier] = [b for b in drawn["bars"] if b.x == (CHART_HOURS - 6) * BAR_WIDTH]
+    assert earlier.height == 40.0
+    assert len(drawn["days"]) in (6, 7)  # a line at each local midnight of the week

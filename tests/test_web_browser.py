@@ -172,7 +172,7 @@ def test_find_a_message_by_its_japanese_subject_and_open_it(site, browser):
     shoot(browser, "dashboard")
     assert browser.find_elements(By.CSS_SELECTOR, "figure.chart svg rect")
     browser.get(f"{server.url}/ledger")
-    shoot(browser, "ledger")
+    shoot(browser, "ledger", whole=False)
     box = browser.find_element(By.ID, "text")
     box.send_keys("ボルドー2019")
     browser.find_element(By.ID, "search").click()

@@ -4,6 +4,7 @@ session that every form carries and every POST must return."""
 
 from __future__ import annotations
 
+import functools
 import hmac
 import secrets
 from dataclasses import dataclass
@@ -19,8 +20,13 @@ Role = Literal["admin", "viewer"]
 CSRF_FIELD = "csrf"
 
 _hasher = PasswordHasher()
-# Verified against when the name is unknown, so a wrong name costs as long as a wrong password.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the name is unknown, so a wrong name costs as long as a wrong
+    password (made on first use: nothing is hashed at import)."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ def check_login(settings: Settings, name: str, password: str) -> User | None:
     """The account if `password` is its password; None otherwise (same work either way)."""
     account = settings.web.accounts.get(name)
     stored = account.password_hash if account is not None else None
-    wanted = stored.get_secret_value() if stored is not None else _DUMMY_HASH
+    wanted = stored.get_secret_value() if stored is not None else _dummy_hash()
     try:
         _hasher.verify(wanted, password)
     except (VerificationError, InvalidHashError):

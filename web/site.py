@@ -112,7 +112,9 @@ def form_of(request: Request) -> FormData:
     return form
 
 
-def guarded(site: Site, handler: Handler, role: Role = "viewer") -> Callable[..., Any]:
+def guarded(
+    site: Site, handler: Handler, role: Role = "viewer"
+) -> Callable[[Request], Awaitable[Response]]:
     """The endpoint: login required (GETs go to the login page), on POST a valid CSRF token,
     and `role` (admin actions refuse viewers with 403)."""
 
