@@ -342,3 +342,19 @@ def test_the_chart_stacks_each_hours_fates_to_scale():
     [earlier] = [b for b in drawn["bars"] if b.x == (CHART_HOURS - 6) * BAR_WIDTH]
     assert earlier.height == 40.0
     assert len(drawn["days"]) == 7  # a line at each local midnight of the week
+
+
+def test_every_answer_forbids_scripts_and_framing(web, sessions):
+    inbound_id = receive(sessions, simple_mail(subject="<script>alert(1)</script>"), FILE)
+    client = Client(web.url)
+    client.login(*VIEWER)
+    for path in ("/ledger", f"/messages/{inbound_id}", f"/messages/{inbound_id}/raw", "/login"):
+        with client.opener.open(web.url + path) as reply:
+            headers = reply.headers
+            body = reply.read().decode()
+        assert "script-src 'none'" in headers["Content-Security-Policy"], path
+        assert (
+            headers["X-Frame-Options"] == "DENY" and headers["X-Content-Type-Options"] == "nosniff"
+        )
+        if path != f"/messages/{inbound_id}/raw":
+            assert "<script>alert" not in body, path

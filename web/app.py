@@ -17,7 +17,7 @@ from starlette.staticfiles import StaticFiles
 
 from web import dashboard, failures, ledger, playground, tickets
 from web.auth import CSRF_FIELD, check_login, csrf_ok, current_user, log_in
-from web.site import Site, guarded
+from web.site import SecurityHeaders, Site, guarded
 
 SESSION_COOKIE = "mailintake_session"
 
@@ -101,7 +101,7 @@ def create_web_app(site: Site) -> Starlette:
         max_age=site.settings.web.session_max_age_seconds,
         same_site="strict",
     )
-    return Starlette(routes=routes, middleware=[session])
+    return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders), session])
 
 
 def web_routes(site: Site) -> list[BaseRoute]:

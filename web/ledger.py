@@ -199,5 +199,4 @@ async def attachment(site: Site, request: Request, user: User) -> Response:
     filename, content_type, content = found
     media = content_type if content_type in SAFE_TYPES else "application/octet-stream"
     disposition = f"attachment; filename*=UTF-8''{quote(filename)}"
-    headers = {"Content-Disposition": disposition, "X-Content-Type-Options": "nosniff"}
-    return Response(content, media_type=media, headers=headers)
+    return Response(content, media_type=media, headers={"Content-Disposition": disposition})

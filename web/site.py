@@ -12,10 +12,11 @@ from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, MutableHeaders
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import Settings
 from pipeline.context import PipelineContext
@@ -84,8 +85,24 @@ class Site:
         response = self.templates.TemplateResponse(
             request, name, context | values, status_code=status_code
         )
-        response.headers.update(SECURITY_HEADERS)
         return response
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every response of the web pages (downloads included)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
 
 
 def lang_of(text: str | None) -> str:
