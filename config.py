@@ -352,6 +352,12 @@ class Settings(BaseSettings):
         zone_named(value)
         return value
 
+    @model_validator(mode="after")
+    def _web_on_the_listener(self) -> Settings:
+        if self.web.enabled and not self.http.enabled:
+            raise ValueError("web.enabled needs http.enabled: the pages are on that listener")
+        return self
+
     @property
     def zone(self) -> ZoneInfo:
         return zone_named(self.timezone)

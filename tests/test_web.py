@@ -203,6 +203,8 @@ def test_a_proxy_header_is_trusted_only_when_configured(db_url, rules_path, sess
 def test_web_needs_a_secret_and_accounts_are_argon2(db_url, rules_path):
     with pytest.raises(ValidationError, match=r"web\.secret"):
         Settings(web={"enabled": True})
+    with pytest.raises(ValidationError, match=r"needs http\.enabled"):
+        Settings(http={"enabled": False}, web={"enabled": True, "secret": "x" * 16})
     settings = web_settings(db_url, rules_path)
     assert settings.web.accounts[ADMIN[0]].password_hash.get_secret_value().startswith("$argon2id$")
     assert check_login(settings, *ADMIN) is not None
