@@ -257,3 +257,20 @@ def test_the_ledger_reads_on_a_phone(site, browser):
         shoot(browser, "ledger-phone", height=844, whole=False)
     finally:
         browser.set_window_size(1280, 900)
+
+
+def test_an_uploaded_eml_is_routed_in_the_playground(site, browser, tmp_path):
+    server, _ids = site
+    log_in(browser, server.url, *VIEWER)
+    browser.get(f"{server.url}/playground")
+    eml = tmp_path / "注文メール.eml"
+    eml.write_bytes(simple_mail(subject="【注文】スパークリング 24本"))
+    browser.find_element(By.NAME, "eml").send_keys(str(eml))
+    browser.find_element(By.NAME, "days").clear()
+    browser.find_element(By.NAME, "days").send_keys("1")
+    browser.find_element(By.ID, "try").click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "section.result"), "the result")
+    result = browser.find_element(By.CSS_SELECTOR, "section.result")
+    assert "注文メール.eml" in result.find_element(By.TAG_NAME, "h2").text
+    assert "category order" in result.find_element(By.CSS_SELECTOR, ".edited-decision").text
+    assert "changed" not in result.text  # the running rules decide the same
