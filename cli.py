@@ -100,6 +100,7 @@ failed_app = group("See, export, replay or discard messages that failed.")
 attachments_app = group("List a ticket's attachments (a FAX's PDF) and save them.")
 rules_app = group("Check, try out and compare routing rules.")
 templates_app = group("Try source templates on mails, and draft new ones from samples.")
+web_app = group("Manage the web pages' accounts (`web.accounts`).")
 app.add_typer(tickets_app, name="tickets")
 app.add_typer(messages_app, name="messages")
 app.add_typer(db_app, name="db")
@@ -107,10 +108,19 @@ app.add_typer(failed_app, name="failed")
 app.add_typer(rules_app, name="rules")
 app.add_typer(templates_app, name="templates")
 app.add_typer(attachments_app, name="attachments")
+app.add_typer(web_app, name="web")
 
 log = logging.getLogger("mailintake")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+
+class WebRole(enum.StrEnum):
+    admin = "admin"
+    viewer = "viewer"
+
+
+MIN_PASSWORD = 10
 
 
 class LogFormat(enum.StrEnum):
@@ -1041,9 +1051,48 @@ def serve(ctx: typer.Context) -> None:
                     service.parts.rules = worker_rules
                     service.parts.rules_reload_errors = lambda: worker_rules.reload_errors
             service.add_task("reload", partial(watch_files, watched))
+            if rt.settings.web.enabled:
+                from web.app import web_routes
+                from web.site import Site
+
+                site = Site(rt.settings, rt.sessions, service.parts)
+                service.http_routes.extend(web_routes(site))
             asyncio.run(serve_until_signalled(service))
         except ListenerError as exc:
             raise fail(str(exc), EXIT_USAGE) from exc
+
+
+@web_app.command("adduser")
+def web_adduser(
+    name: Annotated[str, typer.Argument(help="Login name.")],
+    role: Annotated[WebRole, typer.Option(help="admin may replay and discard.")] = WebRole.viewer,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin (scripts).")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Hash a password (argon2) and print the `web.accounts` entry to add to the config.
+
+    Nothing is written: paste the entry under `web: accounts:` (the hash is not the password,
+    but keep the file private)."""
+    from web.auth import hash_password
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    if len(password) < MIN_PASSWORD:
+        raise fail(f"the password needs at least {MIN_PASSWORD} characters", EXIT_USAGE)
+    entry = {"role": role.value, "password_hash": hash_password(password)}
+    if json_output:
+        print_json({name: entry})
+        return
+    out.print(
+        f"web:\n  accounts:\n    {json.dumps(name, ensure_ascii=False)}:\n"
+        f"      role: {entry['role']}\n      password_hash: '{entry['password_hash']}'",
+        highlight=False,
+        markup=False,
+    )
 
 
 RulesFileOption = Annotated[

@@ -281,9 +281,38 @@ class ImapSettings(Section):
 
 
 class HttpSettings(ListenerSettings):
-    """The admin HTTP listener of `mailintake serve`: /metrics, /healthz, /readyz."""
+    """The admin HTTP listener of `mailintake serve`: /metrics, /healthz, /readyz (and the web
+    pages when `web.enabled`)."""
 
     port: int = Field(default=9025, ge=0, le=65535)
+    # The request header a reverse proxy puts the signed-in user's name in (e.g.
+    # X-Forwarded-User); null: no header is trusted, people log in with `web.accounts`.
+    trust_proxy_user: str | None = None
+
+
+class WebAccount(Section):
+    """One person allowed into the web pages; `mailintake web adduser` writes the entry."""
+
+    role: Literal["admin", "viewer"] = "viewer"
+    password_hash: SecretStr | None = None  # argon2; none: only through the proxy header
+
+
+class WebSettings(Section):
+    """The web pages on the admin HTTP listener: off unless enabled."""
+
+    enabled: bool = False
+    # Signs the session cookie; required when enabled (prefer MAILINTAKE_WEB__SECRET).
+    secret: SecretStr | None = None
+    accounts: dict[str, WebAccount] = {}
+    session_max_age_seconds: int = Field(default=8 * 3600, gt=0)
+    # A proxy user without an account entry gets this role.
+    proxy_default_role: Literal["admin", "viewer"] = "viewer"
+
+    @model_validator(mode="after")
+    def _secret_when_enabled(self) -> WebSettings:
+        if self.enabled and (self.secret is None or len(self.secret.get_secret_value()) < 16):
+            raise ValueError("web.enabled needs web.secret, at least 16 characters")
+        return self
 
 
 class LogSettings(Section):
@@ -314,6 +343,7 @@ class Settings(BaseSettings):
     lmtp: LmtpSettings = LmtpSettings()
     imap: ImapSettings = ImapSettings()
     http: HttpSettings = HttpSettings()
+    web: WebSettings = WebSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("timezone")
@@ -321,6 +351,12 @@ class Settings(BaseSettings):
     def _known_zone(cls, value: str) -> str:
         zone_named(value)
         return value
+
+    @model_validator(mode="after")
+    def _web_on_the_listener(self) -> Settings:
+        if self.web.enabled and not self.http.enabled:
+            raise ValueError("web.enabled needs http.enabled: the pages are on that listener")
+        return self
 
     @property
     def zone(self) -> ZoneInfo:

@@ -10,6 +10,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   command -v dovecot >/dev/null || missing+=(dovecot-imapd)
   command -v smtp-source >/dev/null || missing+=(postfix)
+  command -v chromedriver >/dev/null || missing+=(chromium chromium-driver)  # tests/test_web_browser.py
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} (apt)"
     apt-get update -qq >/dev/null

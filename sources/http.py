@@ -10,8 +10,9 @@ as a background task; no thread of its own. Endpoints:
   unprocessed message has waited longer than `processing.stall_after_seconds`.
 
 Handlers that touch the database are plain functions: Starlette runs them in its thread pool,
-so a slow database never holds the SMTP listener's event loop. The web view adds its routes
-to `create_app`'s list.
+so a slow database never holds the SMTP listener's event loop. The web pages (web/, when
+`web.enabled`) come in as `extra` routes from the command line, which composes them: this
+module never imports them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import uvicorn
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from config import Settings
 from sources.metrics import Metrics, Parts, ledger_state
@@ -94,7 +95,11 @@ def first_line(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
 
 
-def create_app(metrics: Metrics, readiness: Readiness) -> Starlette:
+def create_app(
+    metrics: Metrics, readiness: Readiness, extra: Sequence[BaseRoute] = ()
+) -> Starlette:
+    """The admin endpoints, then `extra` (matched after them)."""
+
     def scrape(_request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -105,10 +110,11 @@ def create_app(metrics: Metrics, readiness: Readiness) -> Starlette:
         body = readiness.check()
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/metrics", scrape),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        *extra,
     ]
     return Starlette(routes=routes)
 

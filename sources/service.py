@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
+from starlette.routing import BaseRoute
+
 from config import ListenerSettings, Settings
 from ingest.intake import receive
 from ingest.mail import Envelope
@@ -116,6 +118,7 @@ class Service:
         multiprocess_dir = workers.metrics_dir if workers is not None else None
         self.metrics = Metrics(pipeline.sessions, self.parts, multiprocess_dir)
         self.http: HttpListener | None = None
+        self.http_routes: list[BaseRoute] = []  # more for the HTTP listener (the web pages)
         self._executor: ThreadPoolExecutor | None = None
 
     def _fetched(self, _inbound_id: int) -> None:
@@ -189,7 +192,9 @@ class Service:
     async def _listen_http(self) -> None:
         where = self.settings.http
         readiness = Readiness(self.settings, self.pipeline.sessions, self.parts)
-        http = HttpListener(create_app(self.metrics, readiness), where.host, where.port)
+        http = HttpListener(
+            create_app(self.metrics, readiness, self.http_routes), where.host, where.port
+        )
         try:
             await http.start()
         except OSError as exc:

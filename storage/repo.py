@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -687,3 +687,73 @@ def purge_blobs(session: Session, digests: Sequence[str]) -> int:
     """Empty these attachment contents; the blob keeps its sha256 and size."""
     statement = update(AttachmentBlob).where(AttachmentBlob.sha256.in_(digests)).values(content=b"")
     return _rows_updated(session, statement)
+
+
+# --- the web pages: the ledger with headers, per-message attachments, hourly fates -----------
+
+
+@dataclass(frozen=True)
+class LedgerFilter:
+    """Which ledger rows the web ledger shows; every given field must match."""
+
+    status: str | None = None
+    source: str | None = None
+    since: datetime | None = None  # received at or after
+    until: datetime | None = None  # received before
+
+
+def ledger_with_head(
+    session: Session, wanted: LedgerFilter, limit: int, head_bytes: int, before_id: int | None
+) -> Sequence[tuple[InboundMessage, bytes, str | None]]:
+    """Ledger rows, newest first (below `before_id` when given), each with the first
+    `head_bytes` of its raw bytes (for From and Subject) and the key of its ticket."""
+    head = func.substr(InboundRaw.raw, 1, head_bytes)
+    query = (
+        select(InboundMessage, head, Ticket.key)
+        .outerjoin(InboundRaw, InboundRaw.inbound_message_id == InboundMessage.id)
+        .outerjoin(Ticket, Ticket.id == InboundMessage.ticket_id)
+        .options(lazyload(InboundMessage.content))
+        .order_by(InboundMessage.id.desc())
+        .limit(limit)
+    )
+    conditions = {
+        InboundMessage.status: wanted.status,
+        InboundMessage.source: wanted.source,
+    }
+    for column, value in conditions.items():
+        if value:
+            query = query.where(column == value)
+    if wanted.since:
+        query = query.where(InboundMessage.received_at >= wanted.since)
+    if wanted.until:
+        query = query.where(InboundMessage.received_at < wanted.until)
+    if before_id is not None:
+        query = query.where(InboundMessage.id < before_id)
+    return [(m, bytes(raw_head or b""), key) for m, raw_head, key in session.execute(query)]
+
+
+def attachments_of_message(session: Session, inbound_id: int) -> Sequence[Attachment]:
+    query = (
+        select(Attachment)
+        .where(Attachment.inbound_message_id == inbound_id)
+        .order_by(Attachment.id)
+    )
+    return session.scalars(query).all()
+
+
+def fates_per_hour(session: Session, since: datetime) -> list[tuple[datetime, str, int]]:
+    """(UTC hour, fate, messages received in it) since `since`, counted by the database."""
+    if session.get_bind().dialect.name == "postgresql":
+        hour: Any = func.date_trunc("hour", func.timezone("UTC", InboundMessage.received_at))
+    else:  # SQLite keeps UTC text
+        hour = func.strftime("%Y-%m-%d %H:00:00", InboundMessage.received_at)
+    query = (
+        select(hour, InboundMessage.status, func.count())
+        .where(InboundMessage.received_at >= since)
+        .group_by(hour, InboundMessage.status)
+    )
+    rows = []
+    for bucket, status, count in session.execute(query).all():
+        moment = bucket if isinstance(bucket, datetime) else datetime.fromisoformat(bucket)
+        rows.append((moment.replace(tzinfo=UTC), status, count))
+    return rows
