@@ -1,4 +1,5 @@
-"""Engine and session factory. SQLite gets WAL, foreign keys, a busy timeout and full fsync."""
+"""Engine and session factory. SQLite gets WAL, foreign keys, a busy timeout and full fsync;
+PostgreSQL gets connect, network, statement and lock timeouts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -20,19 +21,43 @@ class SchemaNotReady(RuntimeError):
     """The database is not at the schema version this code needs."""
 
 
-def make_engine(url: str, *, busy_timeout_ms: int = 30_000, echo: bool = False) -> Engine:
-    """An engine for `url`. Errors never quote statement parameters: they would put whole mails
-    (and their personal data) into logs and into the ledger's `error` column."""
+def make_engine(
+    url: str,
+    *,
+    echo: bool = False,
+    busy_timeout_ms: int = 30_000,
+    connect_timeout_seconds: int = 10,
+    statement_timeout_ms: int = 60_000,
+    lock_timeout_ms: int = 10_000,
+    pool_timeout_seconds: float = 30,
+) -> Engine:
+    """An engine for `url`, every wait on the database bounded (the `database.*` timeouts of
+    config.py, passed in as plain values). Errors never quote statement parameters: they would put
+    whole mails (and their personal data) into logs and into the ledger's `error` column."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, echo=echo, pool_pre_ping=True, hide_parameters=True)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        return create_engine(
+            url,
+            echo=echo,
+            pool_pre_ping=True,
+            hide_parameters=True,
+            pool_timeout=pool_timeout_seconds,
+            connect_args=_postgres_connect_args(
+                parsed,
+                connect_timeout_seconds,
+                statement_timeout_ms=statement_timeout_ms,
+                lock_timeout_ms=lock_timeout_ms,
+            ),
+        )
+    in_memory = not parsed.database or parsed.database == ":memory:"
+    if not in_memory:
+        Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
         echo=echo,
         hide_parameters=True,
         connect_args={"timeout": busy_timeout_ms / 1000},
+        **({} if in_memory else {"pool_timeout": pool_timeout_seconds}),
     )
 
     @event.listens_for(engine, "connect")
@@ -46,6 +71,21 @@ def make_engine(url: str, *, busy_timeout_ms: int = 30_000, echo: bool = False) 
         cur.close()
 
     return engine
+
+
+def _postgres_connect_args(
+    parsed: URL, connect_timeout_seconds: int, *, statement_timeout_ms: int, lock_timeout_ms: int
+) -> dict[str, Any]:
+    """libpq parameters bounding each wait: opening a connection, unacknowledged data on a
+    blackholed network, a statement, a lock. The URL's own `options` (a search_path) are kept:
+    `connect_args` would replace them."""
+    options = parsed.query.get("options", "")
+    own = f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(lock_timeout_ms)}"
+    return {
+        "connect_timeout": int(connect_timeout_seconds),
+        "tcp_user_timeout": int(connect_timeout_seconds) * 1000,
+        "options": f"{own} {options}".strip() if isinstance(options, str) else own,
+    }
 
 
 def missing_sqlite_file(url: str) -> bool:
