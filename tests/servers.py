@@ -30,16 +30,24 @@ LISTENING = re.compile(r"listening for SMTP on 127\.0\.0\.1:(\d+)")
 class ServeProcess:
     """A `mailintake serve` child whose stderr is read line by line in a thread."""
 
-    def __init__(self, tmp_path: Path, port: int) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        port: int,
+        db_url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`db_url` defaults to a new SQLite file in `tmp_path`; `env` adds MAILINTAKE_*
+        settings."""
         if not MAILINTAKE.exists():
             pytest.skip(f"{MAILINTAKE} is absent: install the project (pip install -e .)")
-        self.db_url = f"sqlite:///{tmp_path / 'serve.db'}"
+        self.db_url = db_url or f"sqlite:///{tmp_path / 'serve.db'}"
         env = os.environ | {
             "MAILINTAKE_DATABASE__URL": self.db_url,
             "MAILINTAKE_SMTP__PORT": str(port),
             "MAILINTAKE_SMTP__SHUTDOWN_GRACE_SECONDS": "5",
             "MAILINTAKE_HTTP__PORT": "0",  # any free port: 9025 may be taken
-        }
+        } | (env or {})
         env.pop("MAILINTAKE_CONFIG", None)
         self.proc = subprocess.Popen(
             [str(MAILINTAKE), "serve"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
