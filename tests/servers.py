@@ -36,9 +36,10 @@ class ServeProcess:
         port: int,
         db_url: str | None = None,
         env: dict[str, str] | None = None,
+        options: tuple[str, ...] = (),
     ) -> None:
         """`db_url` defaults to a new SQLite file in `tmp_path`; `env` adds MAILINTAKE_*
-        settings."""
+        settings, `options` go before `serve` (`-v`)."""
         if not MAILINTAKE.exists():
             pytest.skip(f"{MAILINTAKE} is absent: install the project (pip install -e .)")
         self.db_url = db_url or f"sqlite:///{tmp_path / 'serve.db'}"
@@ -54,7 +55,11 @@ class ServeProcess:
         )
         env.pop("MAILINTAKE_CONFIG", None)
         self.proc = subprocess.Popen(
-            [str(MAILINTAKE), "serve"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+            [str(MAILINTAKE), *options, "serve"],
+            cwd=tmp_path,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
