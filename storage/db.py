@@ -49,7 +49,7 @@ def make_engine(
                 lock_timeout_ms=lock_timeout_ms,
             ),
         )
-    in_memory = not parsed.database or parsed.database == ":memory:"
+    in_memory = parsed.database in (None, "", ":memory:")
     if not in_memory:
         Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
@@ -57,6 +57,7 @@ def make_engine(
         echo=echo,
         hide_parameters=True,
         connect_args={"timeout": busy_timeout_ms / 1000},
+        # An in-memory database has one connection per thread (no pool to wait for).
         **({} if in_memory else {"pool_timeout": pool_timeout_seconds}),
     )
 

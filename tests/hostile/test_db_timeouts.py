@@ -16,7 +16,7 @@ import smtplib
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
 from storage import db
@@ -48,6 +48,31 @@ def data_reply(port: int, message_id: str) -> int:
         client.rcpt("inquiry@wine-importer.example.jp")
         code, _ = client.data(raw)
     return code
+
+
+@pytest.mark.postgres
+def test_postgres_sessions_get_the_timeouts_and_keep_the_urls_own_options(pg_schema_url):
+    engine = db.make_engine(pg_schema_url, statement_timeout_ms=4321, lock_timeout_ms=1234)
+    try:
+        with engine.connect() as conn:
+            shown = [
+                conn.scalar(text(f"SHOW {name}")) for name in ("statement_timeout", "lock_timeout")
+            ]
+            search_path = conn.scalar(text("SHOW search_path"))
+    finally:
+        engine.dispose()
+    assert shown == ["4321ms", "1234ms"]
+    assert search_path == make_url(pg_schema_url).query["options"].split("=", 1)[1]
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_engines_are_made_without_a_pool_timeout(url):
+    engine = db.make_engine(url, pool_timeout_seconds=5)
+    try:
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT 1")) == 1
+    finally:
+        engine.dispose()
 
 
 def test_a_locked_ledger_is_answered_451_and_the_resend_becomes_one_ticket(
