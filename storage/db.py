@@ -26,28 +26,28 @@ def make_engine(
     *,
     echo: bool = False,
     busy_timeout_ms: int = 30_000,
-    connect_timeout_seconds: int = 10,
-    statement_timeout_ms: int = 60_000,
-    lock_timeout_ms: int = 10_000,
-    pool_timeout_seconds: float = 30,
+    connect_timeout_seconds: int | None = None,
+    statement_timeout_ms: int | None = None,
+    lock_timeout_ms: int | None = None,
+    pool_timeout_seconds: float | None = None,
 ) -> Engine:
-    """An engine for `url`, every wait on the database bounded (the `database.*` timeouts of
-    config.py, passed in as plain values). Errors never quote statement parameters: they would put
-    whole mails (and their personal data) into logs and into the ledger's `error` column."""
+    """An engine for `url`, with the waits on the database bounded by the `database.*`
+    timeouts of config.py, passed in as plain values (None: the driver's default). Errors never
+    quote statement parameters: they would put whole mails (and their personal data) into logs
+    and into the ledger's `error` column."""
     parsed = make_url(url)
+    pool = {} if pool_timeout_seconds is None else {"pool_timeout": pool_timeout_seconds}
     if parsed.get_backend_name() != "sqlite":
+        connect_args = _postgres_connect_args(
+            parsed, connect_timeout_seconds, statement_timeout_ms, lock_timeout_ms
+        )
         return create_engine(
             url,
             echo=echo,
             pool_pre_ping=True,
             hide_parameters=True,
-            pool_timeout=pool_timeout_seconds,
-            connect_args=_postgres_connect_args(
-                parsed,
-                connect_timeout_seconds,
-                statement_timeout_ms=statement_timeout_ms,
-                lock_timeout_ms=lock_timeout_ms,
-            ),
+            connect_args=connect_args,
+            **pool,
         )
     in_memory = parsed.database in (None, "", ":memory:")
     if not in_memory:
@@ -57,8 +57,8 @@ def make_engine(
         echo=echo,
         hide_parameters=True,
         connect_args={"timeout": busy_timeout_ms / 1000},
-        # An in-memory database has one connection per thread (no pool to wait for).
-        **({} if in_memory else {"pool_timeout": pool_timeout_seconds}),
+        # An in-memory database has one connection per thread: no pool to wait for.
+        **({} if in_memory else pool),
     )
 
     @event.listens_for(engine, "connect")
@@ -75,18 +75,24 @@ def make_engine(
 
 
 def _postgres_connect_args(
-    parsed: URL, connect_timeout_seconds: int, *, statement_timeout_ms: int, lock_timeout_ms: int
+    parsed: URL,
+    connect_timeout_seconds: int | None,
+    statement_timeout_ms: int | None,
+    lock_timeout_ms: int | None,
 ) -> dict[str, Any]:
     """libpq parameters bounding each wait: opening a connection, unacknowledged data on a
     blackholed network, a statement, a lock. The URL's own `options` (a search_path) are kept:
     `connect_args` would replace them."""
-    options = parsed.query.get("options", "")
-    own = f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout={int(lock_timeout_ms)}"
-    return {
-        "connect_timeout": int(connect_timeout_seconds),
-        "tcp_user_timeout": int(connect_timeout_seconds) * 1000,
-        "options": f"{own} {options}".strip() if isinstance(options, str) else own,
-    }
+    args: dict[str, Any] = {}
+    if connect_timeout_seconds is not None:
+        args["connect_timeout"] = int(connect_timeout_seconds)
+        args["tcp_user_timeout"] = int(connect_timeout_seconds) * 1000
+    settings = {"statement_timeout": statement_timeout_ms, "lock_timeout": lock_timeout_ms}
+    options = [f"-c {name}={int(value)}" for name, value in settings.items() if value is not None]
+    if options:
+        in_url = parsed.query.get("options", ())
+        args["options"] = " ".join([*options, *((in_url,) if isinstance(in_url, str) else in_url)])
+    return args
 
 
 def missing_sqlite_file(url: str) -> bool:
