@@ -38,11 +38,11 @@ def lmtp_serve(tmp_path: Path, serve_processes, db_url: str) -> Iterator[int]:
 
 
 @pytest.fixture
-def postfix(lmtp_serve: int) -> Iterator[Postfix]:
+def postfix(request: pytest.FixtureRequest) -> Iterator[Postfix]:
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    mta = Postfix(lmtp_serve, DOMAIN)
+    mta = Postfix(request.getfixturevalue("lmtp_serve"), DOMAIN)
     try:
         mta.start()
         yield mta
