@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import re
@@ -68,8 +69,11 @@ class ServeProcess:
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line)
+        # ValueError: the serve_processes fixture closed the pipe after killing the process,
+        # while its worker processes still held it open.
+        with contextlib.suppress(ValueError):
+            for line in self.proc.stderr:
+                self.lines.put(line)
 
     def wait_for_line(
         self, pattern: re.Pattern[str], timeout: float = WAIT_SECONDS

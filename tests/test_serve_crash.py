@@ -3,6 +3,7 @@ ledger and, after a restart, exactly one ticket (docs/reliability.md, promise 1)
 
 from __future__ import annotations
 
+import signal
 import smtplib
 import threading
 
@@ -69,9 +70,11 @@ def test_serve_killed_while_clients_send_loses_no_acknowledged_message(
     stored = fates(db_url)
     assert [mid for mid in acknowledged if mid not in stored] == []  # before any restart
 
-    serve_with(tmp_path, serve_processes, db_url)
+    restarted, _port = serve_with(tmp_path, serve_processes, db_url)
     wait_for(
         lambda: all(fates(db_url)[mid] == [Fate.TICKET] for mid in acknowledged),
         "every acknowledged message to be one ticket",
     )
     assert [mid for mid, statuses in fates(db_url).items() if len(statuses) > 1] == []
+    restarted.proc.send_signal(signal.SIGTERM)
+    assert restarted.finish() == 0, restarted.output
