@@ -55,6 +55,8 @@ def deferred_for_451(mta: Postfix) -> bool:
     return len(queued) == 1 and queued[0]["queue_name"] == "deferred"
 
 
+# SQLite only: how each backend answers 451 when locked is tests/hostile/test_db_timeouts.py's.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_postfix_queues_while_mailintake_answers_451_and_delivers_after(postfix, db_url):
     sender = "customer@example.com"
     postfix.send(simple_mail(message_id="<first@example.com>"), sender, RECIPIENT)
