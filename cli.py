@@ -256,11 +256,7 @@ def runtime(
     url = settings.database.url
     if read_only and db.missing_sqlite_file(url):
         url = "sqlite://"
-    engine = db.make_engine(
-        url,
-        busy_timeout_ms=settings.database.busy_timeout_ms,
-        echo=settings.database.echo,
-    )
+    engine = db.make_engine(url, **settings.database.engine_options())
     try:
         if migrate:
             db.ensure_schema(engine)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypedDict, TypeVar, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import re2
@@ -80,10 +80,61 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class EngineOptions(TypedDict):
+    """What `storage.db.make_engine` takes besides the URL (storage reads no configuration)."""
+
+    echo: bool
+    busy_timeout_ms: int
+    connect_timeout_seconds: int
+    statement_timeout_ms: int
+    lock_timeout_ms: int
+    pool_timeout_seconds: float
+
+
 class DatabaseSettings(Section):
+    """Timeouts bound every wait on the database, so a frozen or unreachable database makes
+    SMTP answer `451` and frees its threads instead of holding them (docs/reliability.md)."""
+
     url: str = "sqlite:///./data/mailintake.db"
     echo: bool = False
-    busy_timeout_ms: int = Field(default=30_000, ge=0)
+    busy_timeout_ms: int = Field(
+        default=30_000,
+        ge=0,
+        description="SQLite: how long a write waits for another writer's lock, in ms.",
+    )
+    connect_timeout_seconds: int = Field(
+        default=10,
+        ge=1,
+        description=(
+            "PostgreSQL: how long opening a connection may take (libpq connect_timeout), and how "
+            "long sent data may stay unacknowledged on a blackholed network (tcp_user_timeout)."
+        ),
+    )
+    statement_timeout_ms: int = Field(
+        default=60_000,
+        ge=0,
+        description="PostgreSQL: the server cancels a statement running longer (0: no limit).",
+    )
+    lock_timeout_ms: int = Field(
+        default=10_000,
+        ge=0,
+        description="PostgreSQL: a statement waiting longer for a lock fails (0: no limit).",
+    )
+    pool_timeout_seconds: float = Field(
+        default=30,
+        gt=0,
+        description="How long a thread waits for a free connection of the pool.",
+    )
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(
+            echo=self.echo,
+            busy_timeout_ms=self.busy_timeout_ms,
+            connect_timeout_seconds=self.connect_timeout_seconds,
+            statement_timeout_ms=self.statement_timeout_ms,
+            lock_timeout_ms=self.lock_timeout_ms,
+            pool_timeout_seconds=self.pool_timeout_seconds,
+        )
 
 
 class TicketSettings(Section):

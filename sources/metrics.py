@@ -246,7 +246,7 @@ class ServiceCollector(Collector):
             value=parts.handler.stores_in_flight,
         )
         yield CounterMetricFamily(
-            "mailintake_smtp_auth_failures", "Failed SMTP logins", value=parts.handler.auth_failures
+            "mailintake_smtp_auth_failures", "Failed SMTP logins", value=parts.handler.failed_logins
         )
 
 

@@ -1,10 +1,10 @@
 """`mailintake serve`: the listeners, background tasks and the processing workers.
 
 The event loop only talks SMTP/LMTP. Committing a message (`intake.receive`) runs in a thread
-pool so a slow commit never blocks other sessions; processing (parse, rules, ticket) runs in
-worker processes (`WorkerPool`, `processing.mode: process`) or in a `ProcessingWorker` thread
-(`processing.mode: thread`, and tests that bring their own pipeline), woken after every commit,
-so no sender waits for it (sources/workers.py).
+(sources/commits.py) so a slow commit never blocks other sessions; processing (parse, rules,
+ticket) runs in worker processes (`WorkerPool`, `processing.mode: process`) or in a
+`ProcessingWorker` thread (`processing.mode: thread`, and tests that bring their own pipeline),
+woken after every commit, so no sender waits for it (sources/workers.py).
 
 Other sources plug in as background tasks: `Service.add_task(name, task)` where `task(stop)` is
 a coroutine function that runs until the `stop` event is set. A task that stores a message
@@ -17,7 +17,8 @@ the IMAP fetchers, the rules holder the command line gives it).
 Shutdown (SIGTERM/SIGINT): stop accepting, say goodbye (421) to idle clients, let clients in
 the middle of a transaction finish within `smtp.shutdown_grace_seconds`, then close the rest
 (their unacknowledged message stays theirs to retry), stop the tasks, let the in-flight commits
-and the message being processed finish (workers still busy after the grace period are
+(up to the grace period: one stuck on a frozen database is left behind) and the message being
+processed finish (workers still busy after the grace period are
 killed; their message stays `received` for the next start).
 """
 
@@ -31,7 +32,6 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -41,6 +41,7 @@ from config import ListenerSettings, Settings
 from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.process import PipelineContext
+from sources.commits import CommitThreads
 from sources.http import HttpListener, Readiness, create_app
 from sources.imap import FolderFetcher, Hooks, fetch_until_stopped, folder_fetchers
 from sources.metrics import Metrics, Parts
@@ -119,7 +120,7 @@ class Service:
         self.metrics = Metrics(pipeline.sessions, self.parts, multiprocess_dir)
         self.http: HttpListener | None = None
         self.http_routes: list[BaseRoute] = []  # more for the HTTP listener (the web pages)
-        self._executor: ThreadPoolExecutor | None = None
+        self._commits: CommitThreads | None = None
 
     def _fetched(self, _inbound_id: int) -> None:
         self.metrics.received.labels("imap").inc()
@@ -139,18 +140,15 @@ class Service:
 
     async def store(self, raw: bytes, envelope: Envelope) -> int:
         """Commit a message to the ledger (in a thread) and wake the worker; raises on failure."""
-        assert self._executor is not None, "store() is only available while the service runs"
-        loop = asyncio.get_running_loop()
-        inbound_id = await loop.run_in_executor(
-            self._executor, receive, self.pipeline.sessions, raw, envelope
-        )
+        assert self._commits is not None, "store() is only available while the service runs"
+        inbound_id = await self._commits.run(receive, self.pipeline.sessions, raw, envelope)
         self.metrics.received.labels(envelope.source).inc()
         self.worker.wake()
         return inbound_id
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until `stop` is set, then shut down gracefully. Raises ListenerError."""
-        self._executor = ThreadPoolExecutor(thread_name_prefix="mailintake-receive")
+        self._commits = CommitThreads()
         tasks: list[asyncio.Task[None]] = []
         try:
             await self._listen()
@@ -242,9 +240,12 @@ class Service:
             listener.server.close()  # stop accepting
         await self._drain_sessions(grace)
         await self._stop_tasks(tasks, grace)
-        if self._executor is not None:
-            # In-flight commits finish; their clients either got their 250 or will retry.
-            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        if self._commits is not None:
+            # In-flight commits finish; their clients either got their 250 or will retry. One
+            # waiting on a frozen database is left behind (sources/commits.py).
+            left = await self._commits.drain(grace)
+            if left:
+                log.warning("%d commit(s) still waiting for the database after %.0f s", left, grace)
         stopped = await asyncio.get_running_loop().run_in_executor(None, self.worker.stop, grace)
         if not stopped:
             log.warning("processing did not finish within %.0f s; it resumes on next start", grace)

@@ -321,7 +321,7 @@ class IntakeSMTP(SMTP):
         self.client_key: str | None = None  # the address the per-client limits count it under
         self.greeted = False
         self.commands_answered = 0  # since the last accepted message
-        self.auth_failures = 0
+        self.failed_logins = 0
         self.held_bytes = 0  # message bytes held while reading DATA
         self.peak_held_bytes = 0
         self._deadline = 0.0
@@ -422,16 +422,16 @@ class IntakeSMTP(SMTP):
     async def _login_failed(self, reply: str) -> bool:
         """Count a failed AUTH and answer it only after a delay (without blocking the loop);
         after `auth_max_failures` send `reply` with a goodbye. False once closed."""
-        self.auth_failures += 1
-        self.event_handler.auth_failures += 1
+        self.failed_logins += 1
+        self.event_handler.failed_logins += 1
         await asyncio.sleep(self.auth_failure_delay)
-        if self.auth_failures < self.auth_max_failures:
+        if self.failed_logins < self.auth_max_failures:
             return self.connected
         log.warning(
             "%s %s: %d failed logins, closing: %s",
             self.protocol_name,
             self.peer_text,
-            self.auth_failures,
+            self.failed_logins,
             reply,
         )
         self.close_with(reply, REPLY_AUTH_LOCKOUT)
@@ -522,7 +522,7 @@ class StoreBusy(Exception):
 class IntakeHandler:
     """aiosmtpd handler: envelope checks, recipient policy, then DATA -> `store` -> reply.
 
-    `auth_failures` (failed logins on all connections), `stores_in_flight` (commits not yet
+    `failed_logins` (failed logins on all connections), `stores_in_flight` (commits not yet
     returned, those answered 451 on timeout included), `replies` (replies sent, by code) and
     `on_data_reply(code, seconds)` (each DATA answered, and how long the client waited for it)
     are there for metrics.
@@ -536,7 +536,7 @@ class IntakeHandler:
         self.store = store
         self.max_bytes = max_bytes
         self.hostname = hostname
-        self.auth_failures = 0
+        self.failed_logins = 0
         self.stores_in_flight = 0
         self.replies: collections.Counter[str] = collections.Counter()
         self.on_data_reply: Callable[[str, float], None] | None = None

@@ -189,11 +189,7 @@ def worker_main(spec: WorkerSpec, control: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent decides
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent validates and tells us to reload
     settings = spec.settings
-    engine = db.make_engine(
-        settings.database.url,
-        busy_timeout_ms=settings.database.busy_timeout_ms,
-        echo=settings.database.echo,
-    )
+    engine = db.make_engine(settings.database.url, **settings.database.engine_options())
     try:
         sessions = db.make_session_factory(engine)
         holder = _rules_holder(spec)

@@ -1,4 +1,5 @@
-"""Engine and session factory. SQLite gets WAL, foreign keys, a busy timeout and full fsync."""
+"""Engine and session factory. SQLite gets WAL, foreign keys, a busy timeout and full fsync;
+PostgreSQL gets connect, network, statement and lock timeouts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -20,19 +21,44 @@ class SchemaNotReady(RuntimeError):
     """The database is not at the schema version this code needs."""
 
 
-def make_engine(url: str, *, busy_timeout_ms: int = 30_000, echo: bool = False) -> Engine:
-    """An engine for `url`. Errors never quote statement parameters: they would put whole mails
-    (and their personal data) into logs and into the ledger's `error` column."""
+def make_engine(
+    url: str,
+    *,
+    echo: bool = False,
+    busy_timeout_ms: int = 30_000,
+    connect_timeout_seconds: int | None = None,
+    statement_timeout_ms: int | None = None,
+    lock_timeout_ms: int | None = None,
+    pool_timeout_seconds: float | None = None,
+) -> Engine:
+    """An engine for `url`, with the waits on the database bounded by the `database.*`
+    timeouts of config.py, passed in as plain values (None: the driver's default). Errors never
+    quote statement parameters: they would put whole mails (and their personal data) into logs
+    and into the ledger's `error` column."""
     parsed = make_url(url)
+    pool = {} if pool_timeout_seconds is None else {"pool_timeout": pool_timeout_seconds}
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, echo=echo, pool_pre_ping=True, hide_parameters=True)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        connect_args = _postgres_connect_args(
+            parsed, connect_timeout_seconds, statement_timeout_ms, lock_timeout_ms
+        )
+        return create_engine(
+            url,
+            echo=echo,
+            pool_pre_ping=True,
+            hide_parameters=True,
+            connect_args=connect_args,
+            **pool,
+        )
+    in_memory = parsed.database in (None, "", ":memory:")
+    if not in_memory:
+        Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
         echo=echo,
         hide_parameters=True,
         connect_args={"timeout": busy_timeout_ms / 1000},
+        # An in-memory database has one connection per thread: no pool to wait for.
+        **({} if in_memory else pool),
     )
 
     @event.listens_for(engine, "connect")
@@ -46,6 +72,27 @@ def make_engine(url: str, *, busy_timeout_ms: int = 30_000, echo: bool = False) 
         cur.close()
 
     return engine
+
+
+def _postgres_connect_args(
+    parsed: URL,
+    connect_timeout_seconds: int | None,
+    statement_timeout_ms: int | None,
+    lock_timeout_ms: int | None,
+) -> dict[str, Any]:
+    """libpq parameters bounding each wait: opening a connection, unacknowledged data on a
+    blackholed network, a statement, a lock. The URL's own `options` (a search_path) are kept:
+    `connect_args` would replace them."""
+    args: dict[str, Any] = {}
+    if connect_timeout_seconds is not None:
+        args["connect_timeout"] = int(connect_timeout_seconds)
+        args["tcp_user_timeout"] = int(connect_timeout_seconds) * 1000
+    settings = {"statement_timeout": statement_timeout_ms, "lock_timeout": lock_timeout_ms}
+    options = [f"-c {name}={int(value)}" for name, value in settings.items() if value is not None]
+    if options:
+        in_url = parsed.query.get("options", ())
+        args["options"] = " ".join([*options, *((in_url,) if isinstance(in_url, str) else in_url)])
+    return args
 
 
 def missing_sqlite_file(url: str) -> bool:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import re
@@ -21,7 +22,7 @@ from pipeline.process import PipelineContext
 from sources.service import Service
 from tests.waiting import WAIT_SECONDS, wait_for
 
-__all__ = ["LISTENING", "ServeProcess", "ServiceThread", "wait_for"]
+__all__ = ["LISTENING", "ServeProcess", "ServiceThread", "serve_with", "wait_for"]
 
 MAILINTAKE = Path(sys.executable).parent / "mailintake"
 LISTENING = re.compile(r"listening for SMTP on 127\.0\.0\.1:(\d+)")
@@ -30,19 +31,36 @@ LISTENING = re.compile(r"listening for SMTP on 127\.0\.0\.1:(\d+)")
 class ServeProcess:
     """A `mailintake serve` child whose stderr is read line by line in a thread."""
 
-    def __init__(self, tmp_path: Path, port: int) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        port: int,
+        db_url: str | None = None,
+        env: dict[str, str] | None = None,
+        options: tuple[str, ...] = (),
+    ) -> None:
+        """`db_url` defaults to a new SQLite file in `tmp_path`; `env` adds MAILINTAKE_*
+        settings, `options` go before `serve` (`-v`)."""
         if not MAILINTAKE.exists():
             pytest.skip(f"{MAILINTAKE} is absent: install the project (pip install -e .)")
-        self.db_url = f"sqlite:///{tmp_path / 'serve.db'}"
-        env = os.environ | {
-            "MAILINTAKE_DATABASE__URL": self.db_url,
-            "MAILINTAKE_SMTP__PORT": str(port),
-            "MAILINTAKE_SMTP__SHUTDOWN_GRACE_SECONDS": "5",
-            "MAILINTAKE_HTTP__PORT": "0",  # any free port: 9025 may be taken
-        }
+        self.db_url = db_url or f"sqlite:///{tmp_path / 'serve.db'}"
+        env = (
+            os.environ
+            | {
+                "MAILINTAKE_DATABASE__URL": self.db_url,
+                "MAILINTAKE_SMTP__PORT": str(port),
+                "MAILINTAKE_SMTP__SHUTDOWN_GRACE_SECONDS": "5",
+                "MAILINTAKE_HTTP__PORT": "0",  # any free port: 9025 may be taken
+            }
+            | (env or {})
+        )
         env.pop("MAILINTAKE_CONFIG", None)
         self.proc = subprocess.Popen(
-            [str(MAILINTAKE), "serve"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+            [str(MAILINTAKE), *options, "serve"],
+            cwd=tmp_path,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -51,8 +69,11 @@ class ServeProcess:
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line)
+        # ValueError: the serve_processes fixture closed the pipe after killing the process,
+        # while its worker processes still held it open.
+        with contextlib.suppress(ValueError):
+            for line in self.proc.stderr:
+                self.lines.put(line)
 
     def wait_for_line(
         self, pattern: re.Pattern[str], timeout: float = WAIT_SECONDS
@@ -125,3 +146,18 @@ class ServiceThread:
 
     def port(self, name: str = "smtp") -> int:
         return self.service.address(name)[1]
+
+
+def serve_with(
+    tmp_path: Path, serve_processes: list[ServeProcess], url: str, **settings: str
+) -> tuple[ServeProcess, int]:
+    """A `mailintake serve` on database `url` with `settings` (smtp__store_timeout_seconds="1" is
+    MAILINTAKE_SMTP__STORE_TIMEOUT_SECONDS), started and listening; it and its SMTP port."""
+    child = ServeProcess(
+        tmp_path,
+        port=0,
+        db_url=url,
+        env={f"MAILINTAKE_{key.upper()}": value for key, value in settings.items()},
+    )
+    serve_processes.append(child)
+    return child, int(child.wait_for_line(LISTENING).group(1))

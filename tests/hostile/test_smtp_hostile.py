@@ -574,8 +574,17 @@ def test_failed_logins_are_delayed_and_the_client_is_sent_away_after_a_few(liste
     assert guesses == [535, 535, 535]
     assert goodbye == (421, "4.7.0 Too many failed logins, closing connection")
     assert cut
-    assert listener.call(lambda: listener.handler.auth_failures) == 3
+    assert listener.call(lambda: listener.handler.failed_logins) == 3
     assert login[0] == 235
+
+
+def test_only_real_mechanisms_are_advertised(listen):
+    """aiosmtpd takes every `auth_*` attribute of the handler and the session for a mechanism."""
+    listener = listen(**AUTH)
+    with client(listener.port) as gateway:
+        gateway.ehlo("gw.example.jp")
+        mechanisms = gateway.esmtp_features["auth"].split()
+    assert sorted(mechanisms) == ["LOGIN", "PLAIN"]
 
 
 def test_the_delay_after_a_failed_login_does_not_hold_up_other_clients(listen):
@@ -584,7 +593,7 @@ def test_the_delay_after_a_failed_login_does_not_hold_up_other_clients(listen):
     try:
         guesser.command(b"EHLO guess.example.jp")
         guesser.send(auth_plain("faxgw", "wrong") + b"\r\n")
-        wait_for(lambda: listener.call(lambda: listener.handler.auth_failures) == 1, "a failure")
+        wait_for(lambda: listener.call(lambda: listener.handler.failed_logins) == 1, "a failure")
         with client(listener.port, "127.0.0.3") as other:
             served = other.noop()
         still_waiting = not guesser.has_data()
