@@ -169,7 +169,8 @@ class Runtime:
         path = self.settings.rules.path
         if path is not None and self._rules is None:
             try:
-                self._rules = RulesHolder.load(path, self.settings.zone)
+                settings = self.settings
+                self._rules = RulesHolder.load(path, settings.zone, settings.authserv_id)
             except RulesError as exc:
                 raise fail(f"rules file refused:\n{exc}", EXIT_USAGE) from exc
         return self._rules
@@ -1052,7 +1053,8 @@ def load_rules_or_exit(
     from rules.load import RulesError, load_rules
 
     try:
-        return load_rules(path, settings_of(ctx).zone)
+        settings = settings_of(ctx)
+        return load_rules(path, settings.zone, settings.authserv_id)
     except RulesError as exc:
         problems = [str(problem) for problem in exc.problems]
         if json_output:
