@@ -1255,10 +1255,10 @@ def templates_test(
     from ingest.extract import explain_templates
 
     templates = templates_or_exit(ctx, templates_file)
-    zone = settings_of(ctx).zone
+    settings = settings_of(ctx)
     results = [
         {"file": str(path), "subject": mail.subject, "from": mail.from_email}
-        | explain_templates(templates, mail, zone)
+        | explain_templates(templates, mail, settings.zone, settings.authserv_id)
         for path, mail in parsed_files(files)
     ]
     if json_output:
@@ -1283,6 +1283,11 @@ def print_template_test(result: dict[str, Any]) -> None:
         say("  → no template matched: a plain email ticket (From is the requester)\n")
         return
     say(f"  → template {escape(result['template'])}, source_kind {result['source_kind']}")
+    if result["unproven"]:
+        say(
+            f"    [yellow]only a hint[/yellow] (no raised priority, no gateway route): "
+            f"{escape(result['unproven'])}"
+        )
     for spec in result["fields"]:
         if not spec["found"]:
             say(f"    [yellow]✗ {spec['key']}[/yellow] missed ({spec['by']}, {spec['type']})")
