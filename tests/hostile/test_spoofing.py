@@ -45,15 +45,27 @@ def drop_reason(raw: bytes) -> str | None:
 # --- only our MTA's headers count ---------------------------------------------------------------
 
 
-def test_a_staff_forward_through_postfix_is_not_dropped_as_spoofed():
-    """Authenticated submission: OpenDMARC (IgnoreAuthenticatedClients) writes no verdict."""
-    raw = own_domain_mail(
-        "Received: from [192.0.2.44] (unknown [192.0.2.44]) (Authenticated sender: yamada)"
-        " by mx.wine-importer.example.jp (Postfix) with ESMTPSA id 4Xk2P1"
-    )
-    mail = incoming(raw)
-    plan = evaluate(shipped_rules(), mail).plan
-    assert (plan.drop_reason, plan.rule_hits) == (None, [])
+SUBMITTED = (
+    "Received: from [192.0.2.44] (unknown [192.0.2.44]) (Authenticated sender: yamada)"
+    " by mx.wine-importer.example.jp (Postfix) with ESMTPSA id 4Xk2P1"
+)
+FROM_OUTSIDE = "Received: from outside.example (outside.example [198.51.100.80])"
+DMARC_FAIL = f"{OURS} dmarc=fail (p=reject) header.from=wine-importer.example.jp"
+SPOOFED = "sender claims wine-importer.example.jp but fails DMARC"
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        # a staff forward by authenticated submission: OpenDMARC (IgnoreAuthenticatedClients)
+        # writes no verdict, and the mail is kept
+        ([SUBMITTED], None),
+        # an outsider: our MTA's verdict on top; the forged pass below it does not count
+        ([DMARC_FAIL, f"{OURS} spf=pass; dkim=pass; dmarc=pass", FROM_OUTSIDE], SPOOFED),
+    ],
+)
+def test_the_shipped_rules_drop_a_dmarc_fail_and_keep_a_staff_forward(headers, reason):
+    assert drop_reason(own_domain_mail(*headers)) == reason
 
 
 @pytest.mark.parametrize(
