@@ -12,7 +12,7 @@ without a proof (an unbound template, or a bound one whose proof is missing) is 
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network, IPv6Network, ip_address
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 
@@ -50,22 +50,18 @@ class Binding(BaseModel):
         domains: list[str] = getattr(self, method)
         return domains
 
-    def proof(
+    def proven(
         self, envelope: Envelope, headers: list[tuple[str, str]], authserv_id: str | None
-    ) -> str | None:
-        """What shows a mail came from the gateway (`smtp user faxgw`), or None."""
+    ) -> bool:
+        """True if the envelope or our MTA's Authentication-Results (`authserv_id`) show the
+        mail came from the gateway."""
         if envelope.source in CLIENT_SOURCES and _in_networks(envelope.peer, self.client_networks):
-            return f"client {envelope.peer}"
-        user = envelope.extra.get("auth_user")
-        if user and user in self.smtp_users:
-            return f"smtp user {user}"
+            return True
+        if envelope.extra.get("auth_user") in self.smtp_users:
+            return True
         wanted = [m for m in AUTH_METHODS if self.domains(m)]
-        if wanted:
-            results = trusted_results(headers, authserv_id)
-            for method in wanted:
-                if passed_for(results, method, self.domains(method)):
-                    return f"{method}=pass"
-        return None
+        results = trusted_results(headers, authserv_id) if wanted else []
+        return any(passed_for(results, m, self.domains(m)) for m in wanted)
 
     def wanted(self) -> str:
         """The proofs in words, for explanations."""
@@ -85,4 +81,6 @@ def _in_networks(peer: str | None, networks: list[IPv4Network | IPv6Network]) ->
         address = ip_address(peer or "")
     except ValueError:
         return False
+    if isinstance(address, IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped  # ::ffff:192.0.2.7 on a dual-stack listener
     return any(address in network for network in networks)

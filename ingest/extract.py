@@ -363,7 +363,7 @@ def unproven(
     """Why a match of `template` does not prove its gateway sent the mail, or None if it does."""
     if template.bound_to is None:
         return "the template has no `bound_to`: any sender can write its format"
-    if template.bound_to.proof(envelope, parsed.headers, authserv_id) is None:
+    if not template.bound_to.proven(envelope, parsed.headers, authserv_id):
         return f"no proof of the gateway: wanted {template.bound_to.wanted()}"
     return None
 

@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from config import DEFAULT_TIMEZONE, zone_named
+from ingest.authres import trusted_results
+from ingest.binding import Binding
 from ingest.extract import HINT, load_templates
 from ingest.intake import receive
 from ingest.mail import Envelope
@@ -168,7 +170,9 @@ def routed(settings, sessions):
 def ticket_of(ctx: PipelineContext, raw: bytes, envelope: Envelope) -> Ticket:
     assert process(ctx, receive(ctx.sessions, raw, envelope)) == Fate.TICKET
     with ctx.sessions() as session:
-        return session.scalars(select(Ticket).order_by(Ticket.id.desc())).first()
+        ticket = session.scalars(select(Ticket).order_by(Ticket.id.desc())).first()
+    assert ticket is not None
+    return ticket
 
 
 @pytest.mark.parametrize(
@@ -206,3 +210,31 @@ def test_the_fax_gateway_logged_in_as_faxgw_is_bound(routed):
     envelope = Envelope(source="smtp", peer="198.51.100.80", extra={"auth_user": "faxgw"})
     ticket = ticket_of(routed, bound.replace(b"fax-20261122", b"fax-20261123"), envelope)
     assert (ticket.source_kind, ticket.assignee) == ("fax", "sato")
+
+
+@pytest.mark.parametrize(
+    ("envelope", "proven"),
+    [
+        (Envelope(source="smtp", peer="192.0.2.7"), True),
+        (Envelope(source="lmtp", peer="::ffff:192.0.2.7"), True),  # a dual-stack listener
+        (Envelope(source="smtp", peer="198.51.100.7"), False),
+        (Envelope(source="imap", peer="192.0.2.7"), False),  # IMAP's peer is the server
+        (Envelope(source="smtp", peer="198.51.100.7", extra={"auth_user": "faxgw"}), True),
+        (Envelope(source="smtp", peer="198.51.100.7", extra={"auth_user": "other"}), False),
+    ],
+)
+def test_a_gateway_is_proven_by_its_network_or_its_login(envelope, proven):
+    binding = Binding(client_networks=["192.0.2.0/24"], smtp_users=["faxgw"])
+    assert binding.proven(envelope, [], OUR_MTA) is proven
+
+
+def test_results_are_read_past_nested_comments_and_quoted_strings():
+    value = (
+        f"{OUR_MTA} 1 (a (nested; comment) here); dkim=pass (sig; ok) "
+        'header.d="denwa-daiko.example.com" header.b=x; spf=pass smtp.mailfrom=gw@faxgw.example.net'
+    )
+    results = trusted_results([("Authentication-Results", value)], OUR_MTA)
+    assert [(r.method, r.result, r.domain()) for r in results] == [
+        ("dkim", "pass", "denwa-daiko.example.com"),
+        ("spf", "pass", "faxgw.example.net"),
+    ]
