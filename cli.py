@@ -179,7 +179,8 @@ class Runtime:
         path = self.settings.rules.path
         if path is not None and self._rules is None:
             try:
-                self._rules = RulesHolder.load(path, self.settings.zone)
+                settings = self.settings
+                self._rules = RulesHolder.load(path, settings.zone, settings.authserv_id)
             except RulesError as exc:
                 raise fail(f"rules file refused:\n{exc}", EXIT_USAGE) from exc
         return self._rules
@@ -1111,7 +1112,8 @@ def load_rules_or_exit(
     from rules.load import RulesError, load_rules
 
     try:
-        return load_rules(path, settings_of(ctx).zone)
+        settings = settings_of(ctx)
+        return load_rules(path, settings.zone, settings.authserv_id)
     except RulesError as exc:
         problems = [str(problem) for problem in exc.problems]
         if json_output:
@@ -1312,10 +1314,10 @@ def templates_test(
     from ingest.extract import explain_templates
 
     templates = templates_or_exit(ctx, templates_file)
-    zone = settings_of(ctx).zone
+    settings = settings_of(ctx)
     results = [
         {"file": str(path), "subject": mail.subject, "from": mail.from_email}
-        | explain_templates(templates, mail, zone)
+        | explain_templates(templates, mail, settings.zone, settings.authserv_id)
         for path, mail in parsed_files(files)
     ]
     if json_output:
@@ -1340,6 +1342,11 @@ def print_template_test(result: dict[str, Any]) -> None:
         say("  → no template matched: a plain email ticket (From is the requester)\n")
         return
     say(f"  → template {escape(result['template'])}, source_kind {result['source_kind']}")
+    if result["unproven"]:
+        say(
+            f"    [yellow]only a hint[/yellow] (no raised priority, no gateway route): "
+            f"{escape(result['unproven'])}"
+        )
     for spec in result["fields"]:
         if not spec["found"]:
             say(f"    [yellow]✗ {spec['key']}[/yellow] missed ({spec['by']}, {spec['type']})")

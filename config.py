@@ -382,6 +382,10 @@ class Settings(BaseSettings):
     # The service's one time zone: business hours and due times in the rules, template times
     # written without a zone, and times shown to people. Stored times are UTC whatever it is.
     timezone: str = DEFAULT_TIMEZONE
+    # The authserv-id (first word) of the Authentication-Results headers the MTA in front adds:
+    # only those count, for rules that test `auth` and templates bound by `dkim`/`spf`/`dmarc`.
+    # None: no such header is trusted (and rules that test `auth` are refused).
+    authserv_id: str | None = Field(default=None, min_length=1, pattern=r"^[^\s;()]+$")
     database: DatabaseSettings = DatabaseSettings()
     tickets: TicketSettings = TicketSettings()
     intake: IntakeSettings = IntakeSettings()

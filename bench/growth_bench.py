@@ -42,7 +42,7 @@ from typing import Any
 from sqlalchemy import Engine, Table, bindparam, create_engine, insert, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from config import Settings
+from config import Settings, load_settings
 from ingest.headers import identity_of
 from ingest.intake import receive
 from ingest.mail import Envelope
@@ -601,11 +601,12 @@ def open_store(url: str, size: int, seed: int) -> Store:
         f"{time.perf_counter() - begun:.0f} s ({size_mb(engine):,.0f} MB)",
         flush=True,
     )
-    rules = load_rules(ROOT / "rules.yaml")
     settings = Settings(
         database={"url": engine.url.render_as_string(hide_password=False)},
         templates={"path": ROOT / "templates.yaml"},
+        authserv_id=load_settings(ROOT / "config.yaml").authserv_id,
     )
+    rules = load_rules(ROOT / "rules.yaml", settings.zone, settings.authserv_id)
     ctx = PipelineContext(settings, sessions, RulesRouter(lambda: rules))
     return Store(engine.dialect.name, size, engine, sessions, corpus, ctx)
 

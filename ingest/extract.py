@@ -29,7 +29,8 @@ import re2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config import DEFAULT_TIMEZONE, compile_regex, load_yaml_model, zone_named
-from ingest.mail import IncomingMail, ParsedMail, Requester
+from ingest.binding import Binding
+from ingest.mail import Envelope, IncomingMail, ParsedMail, Requester
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,9 @@ class Template(Model):
     name: str
     source_kind: Literal["phone", "fax", "webform", "email"]
     match: Match
+    # What proves a match came from the gateway (ingest.binding); without it, or when the proof
+    # is missing, a match is only a hint and the mail stays an ordinary `email`.
+    bound_to: Binding | None = None
     fields: list[FieldSpec] = Field(default_factory=list)
     requester: RequesterMap = RequesterMap()
 
@@ -323,17 +327,45 @@ def extract_fields(
     return fields
 
 
-def extract(mail: IncomingMail, templates: list[Template], zone: tzinfo = DEFAULT_ZONE) -> None:
-    """Set `mail.source_kind` and `mail.fields` from the first template that matches. Times
-    written without a zone are read in `zone`: pass the service's (`Settings.zone`)."""
+HINT = "template_hint"  # the field holding an unproven match: {template, unproven, fields...}
+
+
+def extract(
+    mail: IncomingMail,
+    templates: list[Template],
+    zone: tzinfo = DEFAULT_ZONE,
+    authserv_id: str | None = None,
+) -> None:
+    """Set `mail.source_kind` and `mail.fields` from the first template that matches, when its
+    `bound_to` proves the mail came from the gateway (`authserv_id`: config `authserv_id`, whose
+    Authentication-Results count). An unproven match is only a hint: its fields go under
+    `template_hint`, and the mail stays an `email` from its From. Times written without a zone
+    are read in `zone`: pass the service's (`Settings.zone`)."""
     assert mail.parsed is not None
     template = matching_template(templates, mail.parsed)
     if template is None:
         mail.requester = sender_of(mail.parsed)
         return
+    fields = extract_fields(template, mail.parsed, zone)
+    why = unproven(template, mail.envelope, mail.parsed, authserv_id)
+    if why is not None:
+        mail.fields = {HINT: {"template": template.name, "unproven": why, **fields}}
+        mail.requester = sender_of(mail.parsed)
+        return
     mail.source_kind = template.source_kind
-    mail.fields = {"template": template.name, **extract_fields(template, mail.parsed, zone)}
+    mail.fields = {"template": template.name, **fields}
     mail.requester = requester_from(template.requester, mail.fields)
+
+
+def unproven(
+    template: Template, envelope: Envelope, parsed: ParsedMail, authserv_id: str | None
+) -> str | None:
+    """Why a match of `template` does not prove its gateway sent the mail, or None if it does."""
+    if template.bound_to is None:
+        return "the template has no `bound_to`: any sender can write its format"
+    if not template.bound_to.proven(envelope, parsed.headers, authserv_id):
+        return f"no proof of the gateway: wanted {template.bound_to.wanted()}"
+    return None
 
 
 def requester_from(columns: RequesterMap, fields: dict[str, Any]) -> Requester:
@@ -377,15 +409,20 @@ def match_checks(match: Match, parsed: ParsedMail) -> dict[str, bool]:
 
 
 def explain_templates(
-    templates: list[Template], parsed: ParsedMail, zone: tzinfo = DEFAULT_ZONE
+    templates: list[Template],
+    parsed: ParsedMail,
+    zone: tzinfo = DEFAULT_ZONE,
+    authserv_id: str | None = None,
 ) -> dict[str, Any]:
-    """What `extract` does with `parsed`, and why: each template's match conditions (met or
-    not), the template that matched, and each of its field specs with the value found (as
-    written and typed) or None where it found nothing (`mailintake templates test`)."""
+    """What `extract` does with `parsed` (a mail file: no SMTP client, only its headers can
+    prove a gateway), and why: each template's match conditions (met or not), the template that
+    matched and whether its `bound_to` is proven, and each of its field specs with the value
+    found (as written and typed) or None where it found nothing (`mailintake templates test`)."""
     tried = [{"template": t.name, "conditions": match_checks(t.match, parsed)} for t in templates]
     template = matching_template(templates, parsed)
     if template is None:
         return {"template": None, "source_kind": "email", "tried": tried, "fields": []}
+    why = unproven(template, Envelope(source="file"), parsed, authserv_id)
     all_labels = frozenset().union(*(spec.normalised_labels for spec in template.fields))
     fields = []
     for spec in template.fields:
@@ -401,10 +438,11 @@ def explain_templates(
             }
         )
     extracted = {"template": template.name, **extract_fields(template, parsed, zone)}
-    requester = requester_from(template.requester, extracted)
+    requester = sender_of(parsed) if why else requester_from(template.requester, extracted)
     return {
         "template": template.name,
-        "source_kind": template.source_kind,
+        "source_kind": "email" if why else template.source_kind,
+        "unproven": why,
         "tried": tried,
         "fields": fields,
         "extracted": extracted,

@@ -189,12 +189,15 @@ def suggest_template(
         fields.append(spec)
     source_kind = kinds.most_common(1)[0][0] if kinds else "email"
     first_domain = domains[0].split(".")[0] if domains else "new-sender"
-    return {
+    draft: dict[str, Any] = {
         "name": name or first_domain,
         "source_kind": source_kind,
         "match": match or {"body": []},
         "fields": fields,
     }
+    if domains:  # unbound, a match would only be a hint (ingest.binding)
+        draft["bound_to"] = {"dkim": domains}
+    return draft
 
 
 def as_yaml(template: dict[str, Any], samples: int) -> str:
@@ -214,6 +217,9 @@ def as_yaml(template: dict[str, Any], samples: int) -> str:
     for condition, value in template["match"].items():
         shown = "[" + ", ".join(q(v) for v in value) + "]" if isinstance(value, list) else q(value)
         lines.append(f"      {condition}: {shown}")
+    if "bound_to" in template:
+        lines.append("    bound_to:  # check: what proves the gateway sent it (docs/deploy.md)")
+        lines.append("      dkim: [" + ", ".join(q(d) for d in template["bound_to"]["dkim"]) + "]")
     lines.append("    fields:" if template["fields"] else "    fields: []")
     for spec in template["fields"]:
         parts = [f"key: {spec['key']}", "labels: [" + ", ".join(q(v) for v in spec["labels"]) + "]"]

@@ -47,7 +47,8 @@ def detect_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
 
 
 def extract_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
-    extract(mail, ctx.source_templates(), ctx.settings.zone)
+    settings = ctx.settings
+    extract(mail, ctx.source_templates(), settings.zone, settings.authserv_id)
 
 
 def claim_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:

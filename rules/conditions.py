@@ -12,12 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from config import compile_regex
+from ingest.authres import trusted_results, verdicts
 from ingest.mail import IncomingMail
 from rules.calendar import Calendar
 from rules.schema import AttachmentTest, AuthTest, Condition, TextTest
-
-AUTH_RESULT = compile_regex(r"(?i)\b(spf|dkim|dmarc)\s*=\s*([a-z]+)")
-AUTH_COMMENT = compile_regex(r"\([^()]*\)")
 
 
 def fold(text: str) -> str:
@@ -84,21 +82,10 @@ class Facts:
         return [a for a in self.parsed.attachments if not a.inline]
 
     def auth(self) -> dict[str, set[str]]:
-        """Verdicts per method from the Authentication-Results header(s) we trust."""
+        """Verdicts per method from the Authentication-Results our MTA wrote (ingest.authres)."""
         if self._auth is None:
-            self._auth = {}
-            for value in self._trusted_auth_headers():
-                _serv, _, results = AUTH_COMMENT.sub("", value).partition(";")
-                for method, verdict in AUTH_RESULT.findall(results):
-                    self._auth.setdefault(method.lower(), set()).add(verdict.lower())
+            self._auth = verdicts(trusted_results(self.parsed.headers, self.authserv_id))
         return self._auth
-
-    def _trusted_auth_headers(self) -> list[str]:
-        values = [v for k, v in self.parsed.headers if k.lower() == "authentication-results"]
-        if self.authserv_id is None:
-            return values[:1]  # the topmost one, added by our own MTA
-        wanted = self.authserv_id.casefold()
-        return [v for v in values if v.split(";", 1)[0].strip().casefold().split()[:1] == [wanted]]
 
 
 class Node(Protocol):

@@ -43,17 +43,23 @@ class CompiledRules:
     rules: list[CompiledRule]
     calendar: Calendar
     warnings: list[str] = field(default_factory=list)
+    authserv_id: str | None = None  # whose Authentication-Results count (config `authserv_id`)
 
     @classmethod
     def build(
-        cls, source: RulesFile, path: Path, version: str, lines: Sequence[int | None]
+        cls,
+        source: RulesFile,
+        path: Path,
+        version: str,
+        lines: Sequence[int | None],
+        authserv_id: str | None = None,
     ) -> CompiledRules:
         calendar = Calendar(source.business_hours)
         rules = [
             CompiledRule(rule.name, line, compile_condition(rule.when, calendar), rule.then)
             for rule, line in zip(source.rules, lines, strict=True)
         ]
-        return cls(path, version, source, rules, calendar)
+        return cls(path, version, source, rules, calendar, authserv_id=authserv_id)
 
 
 @dataclass
@@ -106,7 +112,7 @@ class Evaluation:
 def evaluate(rules: CompiledRules, mail: IncomingMail, *, explain: bool = False) -> Evaluation:
     """Run the rules in order. With `explain`, every rule is tried and its outcome recorded;
     without, evaluation stops at the rule that decides."""
-    facts = Facts(mail, rules.calendar, rules.source.authserv_id)
+    facts = Facts(mail, rules.calendar, rules.authserv_id)
     plan, outcomes = Plan(), []
     decided_by: str | None = None
     for rule in rules.rules:

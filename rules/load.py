@@ -27,7 +27,7 @@ from config import (
     zone_named,
 )
 from rules.engine import CompiledRules
-from rules.schema import Actions, RulesFile
+from rules.schema import Actions, Condition, RulesFile
 
 
 class RulesError(ConfigError):
@@ -102,6 +102,45 @@ def _cross_problems(model: RulesFile) -> Iterator[tuple[Loc, str]]:
             yield ("rules", index, "then", key), message
 
 
+def _auth_tests(cond: Condition, loc: Loc) -> Iterator[Loc]:
+    """Where `cond` (at `loc`) or a condition inside it tests `auth`."""
+    if cond.auth is not None:
+        yield (*loc, "auth")
+    for key, parts in (("all", cond.all_), ("any", cond.any_)):
+        for index, part in enumerate(parts or []):
+            yield from _auth_tests(part, (*loc, key, index))
+    if cond.not_ is not None:
+        yield from _auth_tests(cond.not_, (*loc, "not"))
+
+
+NO_AUTHSERV_ID = (
+    "tests `auth`, but no `authserv_id` is configured, so no Authentication-Results header can "
+    "be trusted: set `authserv_id` in config.yaml (or MAILINTAKE_AUTHSERV_ID) to the "
+    "authserv-id your MTA writes, the first word of its Authentication-Results headers "
+    "(docs/deploy.md, Behind Postfix)"
+)
+
+
+def _auth_problems(model: RulesFile, authserv_id: str | None) -> Iterator[tuple[Loc, str]]:
+    if authserv_id:
+        return
+    for index, rule in enumerate(model.rules):
+        for loc in _auth_tests(rule.when, ("rules", index, "when")):
+            yield loc, NO_AUTHSERV_ID
+
+
+def auth_without_authserv_id(path: Path, authserv_id: str | None) -> list[Problem]:
+    """Each `auth` test in the rules file at `path` that cannot work because `authserv_id` (the
+    configuration's) is not set, as `file:line:column: key: rule `x`: ...` problems; none when
+    it is set or nothing tests `auth` (or when the file does not load at all: `load_rules`
+    reports that). `load_rules` refuses a file with any of these; `doctor` shows them."""
+    try:
+        model, source = load_yaml_model(path, RulesFile, about=rule_name)
+    except ConfigError:
+        return []
+    return [source.problem(loc, message) for loc, message in _auth_problems(model, authserv_id)]
+
+
 def _warnings(model: RulesFile, source: YamlSource) -> list[Problem]:
     """Legal but probably wrong: rules after a catch-all, people and teams nobody routes to."""
     found = []
@@ -122,20 +161,26 @@ def _warnings(model: RulesFile, source: YamlSource) -> list[Problem]:
     return found
 
 
-def load_rules(path: Path, zone: ZoneInfo | str = DEFAULT_TIMEZONE) -> CompiledRules:
+def load_rules(
+    path: Path, zone: ZoneInfo | str = DEFAULT_TIMEZONE, authserv_id: str | None = None
+) -> CompiledRules:
     """Read, validate and compile a rules file; RulesError lists everything wrong with it.
 
     `zone` is the service's time zone (config `timezone`): business hours are kept in it.
+    `authserv_id` (config `authserv_id`) names the MTA whose Authentication-Results count;
+    a rule that tests `auth` without it is refused.
     """
     context = {"zone": zone if isinstance(zone, ZoneInfo) else zone_named(zone)}
     try:
         model, source = load_yaml_model(path, RulesFile, context=context, about=rule_name)
     except ConfigError as exc:
         raise RulesError(*exc.problems) from None
-    problems = [source.problem(loc, message) for loc, message in _cross_problems(model)]
+    found = [*_cross_problems(model), *_auth_problems(model, authserv_id)]
+    problems = [source.problem(loc, message) for loc, message in found]
     if problems:
         raise RulesError(*by_position(problems))
     lines = [position(source.data, ("rules", i))[0] for i in range(len(model.rules))]
-    compiled = CompiledRules.build(model, path, hashlib.sha256(source.raw).hexdigest(), lines)
+    version = hashlib.sha256(source.raw).hexdigest()
+    compiled = CompiledRules.build(model, path, version, lines, authserv_id)
     compiled.warnings = [str(w) for w in _warnings(model, source)]
     return compiled

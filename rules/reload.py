@@ -34,14 +34,15 @@ class RulesHolder:
     def __init__(self, path: Path, rules: CompiledRules, zone: ZoneInfo) -> None:
         self.path = path
         self.zone = zone
+        self.authserv_id = rules.authserv_id  # from the configuration, which never reloads
         self._rules = rules
         self._lock = threading.Lock()  # one reload at a time; readers never wait
         self.last_error: str | None = None
 
     @classmethod
-    def load(cls, path: Path, zone: ZoneInfo) -> RulesHolder:
+    def load(cls, path: Path, zone: ZoneInfo, authserv_id: str | None = None) -> RulesHolder:
         """Load the initial rules; a bad file raises RulesError (nothing to fall back on)."""
-        return cls(path, load_rules(path, zone), zone)
+        return cls(path, load_rules(path, zone, authserv_id), zone)
 
     def current(self) -> CompiledRules:
         return self._rules
@@ -51,7 +52,7 @@ class RulesHolder:
         with self._lock:
             old = self._rules
             try:
-                new = load_rules(self.path, self.zone)
+                new = load_rules(self.path, self.zone, self.authserv_id)
             except RulesError as exc:
                 self.last_error = str(exc)
                 log.error("rules file refused, rules %s stay in force:\n%s", old.version[:12], exc)

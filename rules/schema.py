@@ -142,7 +142,8 @@ class AttachmentTest(Strict):
 
 
 class AuthTest(Strict):
-    """The verdicts in the Authentication-Results header our own MTA added."""
+    """The verdicts in the Authentication-Results headers our own MTA added (the ones whose
+    authserv-id is config `authserv_id`: see ingest.authres)."""
 
     spf: Verdict | None = None
     dkim: Verdict | None = None
@@ -342,9 +343,8 @@ class RulesFile(Strict):
     categories: list[str] = Field(default_factory=list)  # empty: any category is allowed
     priorities: list[str] = Field(default_factory=list)  # empty: any priority is allowed
     business_hours: BusinessHours = Field(default_factory=BusinessHours)
-    # Only Authentication-Results headers from this server count (RFC 8601); without it, the
-    # topmost header (added last, by our own MTA) is used.
-    authserv_id: str | None = None
+    # Moved to config.yaml (templates use it too): refused, saying where it went.
+    authserv_id: Any = None
     defaults: Actions = Field(default_factory=Actions)
     rules: list[Rule] = Field(default_factory=list)
 
@@ -356,6 +356,14 @@ class RulesFile(Strict):
         if isinstance(value, dict):
             return {name: person or {} for name, person in value.items()}
         return value
+
+    @field_validator("authserv_id", mode="before")
+    @classmethod
+    def _authserv_id_moved(cls, value: Any) -> Any:
+        raise ValueError(
+            "the authserv-id of the MTA in front is set once for the service (rules and "
+            "templates): `authserv_id` in config.yaml (or MAILINTAKE_AUTHSERV_ID); remove it here"
+        )
 
     @model_validator(mode="after")
     def _service_zone(self, info: ValidationInfo) -> RulesFile:

@@ -231,13 +231,14 @@ def _rules_holder(spec: WorkerSpec) -> RulesHolder | None:
     if path is None:
         return None
     try:
-        return RulesHolder.load(path, spec.settings.zone)
+        return RulesHolder.load(path, spec.settings.zone, spec.settings.authserv_id)
     except RulesError as exc:
         if spec.rules_fallback is None:
             raise
         log.error("rules file refused, %s starts with the last good rules:\n%s", spec.name, exc)
         zone = spec.settings.zone
-        return RulesHolder(path, load_rules(spec.rules_fallback, zone), zone)
+        fallback = load_rules(spec.rules_fallback, zone, spec.settings.authserv_id)
+        return RulesHolder(path, fallback, zone)
 
 
 def _templates_holder(spec: WorkerSpec) -> TemplatesHolder:

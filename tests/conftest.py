@@ -22,6 +22,7 @@ from config import Settings
 from pipeline.process import PipelineContext
 from storage import db
 from storage.models import Base
+from tests.rulesets import OUR_MTA
 from tests.servers import ServeProcess
 
 DATA = Path(__file__).parent / "data"
@@ -128,7 +129,7 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
 
 @pytest.fixture
 def settings(db_url: str) -> Settings:
-    return Settings(database={"url": db_url})
+    return Settings(database={"url": db_url}, authserv_id=OUR_MTA)
 
 
 @pytest.fixture

@@ -7,12 +7,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from config import load_settings
 from ingest.intake import unstored_mail
 from ingest.mail import Envelope, IncomingMail
 from ingest.parse import parse
 from rules.engine import CompiledRules
 from rules.load import load_rules
 
+ROOT = Path(__file__).resolve().parents[1]
+# The authserv-id of our MTA in tests, as in the shipped config.yaml.
+OUR_MTA = "mx.wine-importer.example.jp"
 # Tuesday 2026-11-24 10:00 in Tokyo: inside business hours.
 TUESDAY_10_JST = datetime(2026, 11, 24, 1, 0, tzinfo=UTC)
 
@@ -35,7 +39,15 @@ def write_rules(folder: Path, body: str, *, with_people: bool = True) -> Path:
 
 
 def rules_from(folder: Path, body: str) -> CompiledRules:
-    return load_rules(write_rules(folder, body))
+    """Rules from YAML text, trusting Authentication-Results from OUR_MTA."""
+    return load_rules(write_rules(folder, body), authserv_id=OUR_MTA)
+
+
+def shipped_rules() -> CompiledRules:
+    """The shipped rules.yaml, with the shipped config.yaml's `authserv_id`."""
+    return load_rules(
+        ROOT / "rules.yaml", authserv_id=load_settings(ROOT / "config.yaml").authserv_id
+    )
 
 
 def incoming(

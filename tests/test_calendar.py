@@ -11,14 +11,14 @@ import pytest
 
 from config import load_settings
 from rules.load import RulesError, load_rules
-from tests.rulesets import write_rules
+from tests.rulesets import shipped_rules, write_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_rules(ROOT / "rules.yaml").calendar
+    return shipped_rules().calendar
 
 
 @pytest.mark.parametrize(

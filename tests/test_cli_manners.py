@@ -9,12 +9,16 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from tests.rulesets import OUR_MTA
 
 
 @pytest.fixture
 def run(tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text(f"database: {{url: 'sqlite:///{tmp_path}/m.db'}}\n", encoding="utf-8")
+    config.write_text(
+        f"database: {{url: 'sqlite:///{tmp_path}/m.db'}}\nauthserv_id: {OUR_MTA}\n",
+        encoding="utf-8",
+    )
 
     def invoke(*args: str):
         return CliRunner().invoke(app, ["--config", str(config), *args])

@@ -14,6 +14,7 @@ import pytest
 import ingest.extract
 from config import ConfigError
 from ingest.extract import (
+    HINT,
     extract,
     is_separator,
     load_templates,
@@ -27,6 +28,7 @@ from ingest.mail import Envelope, IncomingMail
 from ingest.parse import parse
 from tests.conftest import DATA
 from tests.mails import simple_mail
+from tests.rulesets import OUR_MTA
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates.yaml"
 
@@ -39,9 +41,9 @@ def extracted_from(raw: bytes, zone: ZoneInfo | None = None) -> IncomingMail:
     mail = unstored_mail(raw, Envelope(source="file"), datetime.now(UTC))
     mail.parsed = parse(raw)
     if zone is None:
-        extract(mail, load_templates(TEMPLATES))
+        extract(mail, load_templates(TEMPLATES), authserv_id=OUR_MTA)
     else:
-        extract(mail, load_templates(TEMPLATES), zone)
+        extract(mail, load_templates(TEMPLATES), zone, OUR_MTA)
     return mail
 
 
@@ -69,7 +71,7 @@ def test_subject_patterns_take_full_width_spaces():
     mail = unstored_mail(raw, Envelope(source="file"), datetime.now(UTC))
     parsed = parse(raw)
     mail.parsed = dataclasses.replace(parsed, subject="【電話受付】（受付番号　A-1024）", text="")
-    extract(mail, load_templates(TEMPLATES))
+    extract(mail, load_templates(TEMPLATES), authserv_id=OUR_MTA)
     assert mail.fields == {"template": "answering-service", "call_id": "A-1024"}
 
 
@@ -215,7 +217,12 @@ def test_a_30_kb_line_of_spaces_is_extracted_promptly():
     """Python's `re` took over a minute on this line (backtracking in the label decoration);
     RE2 and plain string code take milliseconds. Quadratic code would make this test hang."""
     mail = extracted_from(HOSTILE_FORM.encode("utf-8"))
-    assert mail.fields == {"template": "contact-form"}
+    hint = mail.fields[HINT]  # an unsigned copy of the form's format: only a hint
+    assert (mail.source_kind, hint["template"], set(hint)) == (
+        "email",
+        "contact-form",
+        {"template", "unproven"},
+    )
 
 
 @pytest.mark.parametrize(
@@ -235,7 +242,7 @@ def test_hostile_field_values_are_extracted_promptly(line):
     body = f"お問い合わせフォームから送信されました\nお問い合わせ内容:\n{line}\n{line}\n"
     raw = f"From: wordpress@wine-importer.example.jp\nSubject: x\n\n{body}x\n"
     mail = extracted_from(raw.encode("utf-8"))
-    assert mail.fields["template"] == "contact-form"
+    assert mail.fields[HINT]["template"] == "contact-form"
 
 
 def test_hostile_datetimes_are_read_promptly():

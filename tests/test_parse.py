@@ -21,6 +21,7 @@ from storage.models import Ticket
 from storage.states import Fate
 from tests.conftest import DATA
 from tests.mails import simple_mail
+from tests.rulesets import OUR_MTA
 
 
 def mail(headers: str, body: bytes = b"body\n") -> bytes:
@@ -300,7 +301,9 @@ def test_cli_parse_shows_what_the_pipeline_reads(tmp_path, monkeypatch):
     config = tmp_path / "config.yaml"
     database = f"sqlite:///{tmp_path / 'unused.db'}"
     config.write_text(
-        f"database: {{url: '{database}'}}\ntemplates: {{path: '{templates}'}}\n", encoding="utf-8"
+        f"database: {{url: '{database}'}}\ntemplates: {{path: '{templates}'}}\n"
+        f"authserv_id: {OUR_MTA}\n",
+        encoding="utf-8",
     )
     runner = CliRunner()
     result = runner.invoke(

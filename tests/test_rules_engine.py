@@ -135,7 +135,6 @@ def test_only_our_own_servers_authentication_results_count(tmp_path):
     rules = rules_from(
         tmp_path,
         """
-        authserv_id: mx.wine-importer.example.jp
         rules:
           - {name: dmarc-ok, when: {auth: {dmarc: pass}}, then: {labels: [ok]}}
         """,

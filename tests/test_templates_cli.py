@@ -72,6 +72,7 @@ def test_a_suggested_template_loads_and_extracts_a_fourth_mail(run, tmp_path):
     draft.write_text(result.stdout, encoding="utf-8")
     [template] = load_templates(draft)
     assert template.match.sender == ["*@himawari-call.example.org"]
+    assert template.bound_to is not None and template.bound_to.dkim == ["himawari-call.example.org"]
     assert template.source_kind == "phone"
     fourth = parse(FOURTH.read_bytes())
     assert matching_template([template], fourth) is template

@@ -27,6 +27,7 @@ OTHER_SERVICE = """
     match:
       sender: ["*@himawari-call.example.org"]
       subject: "^【電話代行】"
+    bound_to: {client_networks: [127.0.0.0/8]}  # the gateway connects from here
     fields:
       - {key: requester_company, labels: [会社名]}
       - {key: requester_name, labels: [お名前], type: name}
