@@ -209,11 +209,6 @@ class Condition(Strict):
         """True if this condition is `always: true` and nothing else."""
         return self.model_fields_set == {"always"}
 
-    def tests_auth(self) -> bool:
-        """True if this condition, or one nested in it, reads Authentication-Results."""
-        nested = [*(self.all_ or []), *(self.any_ or []), *([self.not_] if self.not_ else [])]
-        return self.auth is not None or any(c.tests_auth() for c in nested)
-
 
 class AssigneeRef(Strict):
     """A person, or a team (then `strategy` may override the team's own)."""
@@ -401,11 +396,3 @@ def parse_due(text: str) -> Due:
         f"`{text}` is not a due time: write e.g. `4h`, `1d`, `30m`, `4 business hours` or "
         "`next_business_day 10:00`"
     )
-
-
-def auth_without_authserv_id(rules: RulesFile) -> list[str]:
-    """The rules that test `auth` while `authserv_id` is unset: they would trust whichever
-    Authentication-Results header is on top, which a sender can forge if our MTA adds none."""
-    if rules.authserv_id is not None:
-        return []
-    return [rule.name for rule in rules.rules if rule.when.tests_auth()]

@@ -26,14 +26,13 @@ from config import (
     ConfigError,
     ImapAccount,
     ListenerSettings,
+    Problem,
     Settings,
     config_path,
     load_settings,
 )
 from ingest.extract import load_templates
-from rules.engine import CompiledRules
-from rules.load import RulesError, load_rules
-from rules.schema import auth_without_authserv_id
+from rules.load import RulesError, auth_without_authserv_id, load_rules
 from sources.http import first_line
 from sources.imap import CredentialError, FolderFetcher, Hooks, connect
 from storage import db
@@ -128,30 +127,36 @@ def rules_checks(settings: Settings) -> list[Check]:
     if path is None:
         why = "no rules.path: every ticket gets the `tickets:` defaults"
         return [skip("rules", why), skip("rules authserv_id", why)]
+    unsure = auth_without_authserv_id(path, settings.authserv_id)
     try:
-        rules = load_rules(path, settings.zone)
+        rules = load_rules(path, settings.zone, settings.authserv_id)
     except RulesError as exc:
         fix = "correct the file; `mailintake rules check` lists every problem"
-        return [failed("rules", str(exc), fix), skip("rules authserv_id", "needs valid rules")]
+        authserv = (
+            authserv_check(settings, unsure)
+            if unsure
+            else skip("rules authserv_id", "needs valid rules")
+        )
+        return [failed("rules", str(exc), fix), authserv]
     detail = f"{path}: {len(rules.rules)} rules, version {rules.version[:12]}"
     if rules.warnings:
         detail += f", {len(rules.warnings)} warnings (see `mailintake rules check`)"
-    return [ok("rules", detail), authserv_check(rules)]
+    return [ok("rules", detail), authserv_check(settings, unsure)]
 
 
-def authserv_check(rules: CompiledRules) -> Check:
+def authserv_check(settings: Settings, unsure: list[Problem]) -> Check:
+    """FAIL while a rule tests `auth` and no `authserv_id` says whose headers to trust."""
     name = "rules authserv_id"
-    unsure = auth_without_authserv_id(rules.source)
     if unsure:
-        detail = f"rules {', '.join(unsure)} test `auth` but authserv_id is not set"
+        detail = "\n".join(str(problem) for problem in unsure)
         fix = (
-            f"set `authserv_id:` in {rules.path} to the name your MTA writes first in its "
-            "Authentication-Results headers (e.g. mx.example.jp)"
+            "set `authserv_id:` in the config (or MAILINTAKE_AUTHSERV_ID) to the name your MTA "
+            "writes first in its Authentication-Results headers (docs/deploy.md)"
         )
         return failed(name, detail, fix)
-    if rules.source.authserv_id is None:
+    if settings.authserv_id is None:
         return ok(name, "no rule tests `auth`")
-    return ok(name, f"Authentication-Results trusted from {rules.source.authserv_id}")
+    return ok(name, f"Authentication-Results trusted from {settings.authserv_id}")
 
 
 def templates_check(settings: Settings) -> Check:

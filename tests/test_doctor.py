@@ -26,7 +26,6 @@ from tests.test_imap import PASSWORD, USER, started_dovecot
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_RULES = """\
-authserv_id: mx.wine-importer.example.jp
 people: [yamada]
 rules:
   - name: spoofed
@@ -53,6 +52,7 @@ class Setup:
         self.rules = folder / "rules.yaml"
         self.rules.write_text(GOOD_RULES, encoding="utf-8")
         self.config: dict[str, Any] = {
+            "authserv_id": "mx.wine-importer.example.jp",
             "database": {"url": db_url},
             "rules": {"path": str(self.rules)},
             "templates": {"path": str(ROOT / "templates.yaml")},
@@ -171,9 +171,9 @@ def test_broken_rules_are_refused_as_rules_check_refuses_them(setup: Setup) -> N
 
 
 def test_auth_rules_without_authserv_id(setup: Setup) -> None:
-    setup.rules.write_text(GOOD_RULES.replace("authserv_id:", "# authserv_id:"), "utf-8")
+    del setup.config["authserv_id"]
     failures = setup.failures()
-    assert list(failures) == ["rules authserv_id"]
+    assert list(failures) == ["rules", "rules authserv_id"]
     assert "spoofed" in failures["rules authserv_id"]["detail"]
     assert "authserv_id" in failures["rules authserv_id"]["fix"]
 
