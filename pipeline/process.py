@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 def load(ctx: PipelineContext, inbound_id: int) -> IncomingMail | None:
     """The ledger row as an IncomingMail, or None if it needs no processing or has no bytes to
-    process (never fetched: the message is still in its mailbox, and the reason stays)."""
-    with ctx.sessions() as session:
+    process (never fetched: the message is still in its mailbox, and the reason stays). The read
+    ends in a commit, not the rollback closing an open session would send."""
+    with ctx.sessions.begin() as session:
         row = session.get(InboundMessage, inbound_id)
         if row is None or row.status not in PROCESSABLE or row.fail_stage == Stage.FETCH:
             return None
