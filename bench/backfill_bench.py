@@ -9,11 +9,14 @@ re-deliveries, auto-replies), written once as an mbox. Each `--tree` (a checkout
 e.g. one made with `git archive <commit> | tar -x -C DIR`; default: this one) runs
 `mailintake ingest` on it in a fresh SQLite file, in a child process with that tree's code,
 config.yaml, rules and templates; trees take turns per round, so load on the machine falls on
-each alike. Printed per run: wall time, messages per second, the children's peak RSS, the load
-average, and each tree's median against the first tree's.
+each alike. Printed per run: wall time, messages per second, CPU time per message (user +
+system: less disturbed by other load than wall time), the peak RSS, the load average, and each
+tree's medians against the first tree's.
 
-`--large-mb N` also writes an mbox of about N MB (the corpus repeated with fresh Message-IDs)
-and reports the peak RSS of ingesting it with the last tree; the file is deleted afterwards.
+`--large-mb N` also writes an mbox of about N MB (the corpus with fresh Message-IDs) and reports
+the peak RSS and rate of reading it as `ingest` does (`MessageSource`, in ledger batches) with
+this tree, and with `--large-ingest` of ingesting it whole with the last tree (at tens of
+messages per second that takes long); the file is deleted afterwards.
 A benchmark, not a test: nothing is asserted.
 """
 
@@ -59,14 +62,16 @@ def write_large_mbox(path: Path, megabytes: int, seed: int) -> int:
     return n
 
 
-def ingest(tree: Path, mbox: Path, folder: Path) -> tuple[float, float, str]:
-    """Run `mailintake ingest` with `tree`'s code; wall seconds, peak RSS MB, and its summary."""
+def ingest(tree: Path, mbox: Path, folder: Path) -> tuple[float, float, float, str]:
+    """Run `mailintake ingest` with `tree`'s code: wall seconds, CPU seconds (user + system),
+    peak RSS MB, and its summary."""
     db = folder / f"backfill-{time.monotonic_ns()}.db"
     env = {**os.environ, "MAILINTAKE_DATABASE__URL": f"sqlite:///{db}"}
     command = [sys.executable, "-c", "import cli; cli.main()", "--config", "config.yaml"]
     code = (
         "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print(u.ru_utime + u.ru_stime, u.ru_maxrss, file=sys.stderr); "
         "sys.exit(r.returncode)"
     )
     start = time.perf_counter()
@@ -82,8 +87,32 @@ def ingest(tree: Path, mbox: Path, folder: Path) -> tuple[float, float, str]:
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     if done.returncode not in (0, 1):
         raise SystemExit(f"{tree}: ingest failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    rss_kb = int(done.stderr.strip().splitlines()[-1])
-    return elapsed, rss_kb / 1024, done.stdout.strip().replace("\n", " ")
+    cpu, rss_kb = done.stderr.strip().splitlines()[-1].split()
+    return elapsed, float(cpu), int(rss_kb) / 1024, " ".join(done.stdout.split())
+
+
+READ = """
+import resource, sys, time
+from sources.backfill import batches
+from sources.files import MessageSource
+start = time.perf_counter()
+source = MessageSource(sys.argv[1])
+count = sum(len(batch) for batch in batches(source))
+print(count, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def read_large(mbox: Path) -> None:
+    """Read the mbox as ingest does, without storing: peak RSS and messages per second."""
+    done = subprocess.run(
+        [sys.executable, "-c", READ, str(mbox)], cwd=HERE, capture_output=True, text=True
+    )
+    count, seconds, rss_kb = done.stdout.split()
+    print(
+        f"large mbox {mbox.stat().st_size / 1e6:.0f} MB, {count} mails read in ledger batches: "
+        f"{float(seconds):.0f} s, {int(count) / float(seconds):.0f} msg/s, "
+        f"peak RSS {int(rss_kb) / 1024:.0f} MB"
+    )
 
 
 def main() -> None:
@@ -93,6 +122,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--tree", type=Path, action="append", help="project checkout to run")
     parser.add_argument("--large-mb", type=int, default=0)
+    parser.add_argument("--large-ingest", action="store_true")
     args = parser.parse_args()
     trees = [t.resolve() for t in args.tree or [HERE]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,27 +130,36 @@ def main() -> None:
         size = write_mbox(folder / "mixed.mbox", args.messages, args.seed)
         print(f"mixed corpus: {args.messages} mails, {size / 1e6:.0f} MB; {os.cpu_count()} CPUs")
         rates: dict[Path, list[float]] = {t: [] for t in trees}
+        cpus: dict[Path, list[float]] = {t: [] for t in trees}
         for round_ in range(1, args.rounds + 1):
             for tree in trees:
                 load = os.getloadavg()[0]
-                seconds, rss, summary = ingest(tree, folder / "mixed.mbox", folder)
+                seconds, cpu, rss, summary = ingest(tree, folder / "mixed.mbox", folder)
                 rates[tree].append(args.messages / seconds)
+                cpus[tree].append(cpu * 1000 / args.messages)
                 print(
                     f"round {round_} {tree}: {seconds:.1f} s, {rates[tree][-1]:.1f} msg/s, "
-                    f"peak RSS {rss:.0f} MB, load {load:.1f} -> {os.getloadavg()[0]:.1f}; {summary}"
+                    f"CPU {cpus[tree][-1]:.1f} ms/msg, peak RSS {rss:.0f} MB, "
+                    f"load {load:.1f} -> {os.getloadavg()[0]:.1f}; {summary}"
                 )
-        first = statistics.median(rates[trees[0]])
-        for tree in trees:
-            median = statistics.median(rates[tree])
-            print(f"median {tree}: {median:.1f} msg/s ({median / first:.2f}x the first)")
+        first = statistics.median(rates[trees[0]] or [1.0])
+        first_cpu = statistics.median(cpus[trees[0]] or [1.0])
+        for tree in (t for t in trees if rates[t]):
+            median, cpu = statistics.median(rates[tree]), statistics.median(cpus[tree])
+            print(
+                f"median {tree}: {median:.1f} msg/s ({median / first:.2f}x the first), "
+                f"CPU {cpu:.1f} ms/msg ({cpu / first_cpu:.2f}x)"
+            )
         if args.large_mb:
             big = folder / "large.mbox"
             count = write_large_mbox(big, args.large_mb, args.seed)
-            seconds, rss, summary = ingest(trees[-1], big, folder)
-            print(
-                f"large mbox {big.stat().st_size / 1e6:.0f} MB, {count} mails: {seconds:.0f} s, "
-                f"{count / seconds:.1f} msg/s, peak RSS {rss:.0f} MB; {summary}"
-            )
+            read_large(big)
+            if args.large_ingest:
+                seconds, _cpu, rss, summary = ingest(trees[-1], big, folder)
+                print(
+                    f"large mbox ingested: {seconds:.0f} s, {count / seconds:.1f} msg/s, "
+                    f"peak RSS {rss:.0f} MB; {summary}"
+                )
             big.unlink()
 
 
