@@ -459,7 +459,7 @@ def ingest_sources(ctx: typer.Context, sources: list[MessageSource], run: Ingest
                     for item in source:
                         run.stored.append(receive(rt.sessions, item.raw, item.envelope()))
                         run.fates[process(pipeline, run.stored[-1]) or "skipped"] += 1
-                    bar.advance(task)
+                        bar.advance(task)
                     continue
                 for inbound_id, fate in backfill(rt.sessions, source, partial(process, pipeline)):
                     run.stored.append(inbound_id)

@@ -91,14 +91,16 @@ def ingest(tree: Path, mbox: Path, folder: Path) -> tuple[float, float, float, s
     return elapsed, float(cpu), int(rss_kb) / 1024, " ".join(done.stdout.split())
 
 
+# Peak RSS from VmHWM: ru_maxrss of a child forked from this (large) process would include ours.
 READ = """
-import resource, sys, time
+import sys, time
 from sources.backfill import batches
 from sources.files import MessageSource
 start = time.perf_counter()
 source = MessageSource(sys.argv[1])
 count = sum(len(batch) for batch in batches(source))
-print(count, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]
+print(count, time.perf_counter() - start, hwm)
 """
 
 
