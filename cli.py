@@ -446,10 +446,13 @@ class IngestRun:
 
 
 def ingest_sources(ctx: typer.Context, sources: list[MessageSource], run: IngestRun) -> None:
-    """Receive and process every message of `sources`, after any left over by a crash."""
+    """Receive and process every message of `sources`, after any left over by a crash; files
+    are stored in batches (sources/backfill.py), stdin's one message on its own."""
+    from functools import partial
+
     from ingest.intake import receive
-    from ingest.mail import Envelope
     from pipeline.process import process, process_pending
+    from sources.backfill import backfill
 
     with runtime(ctx) as rt:
         pipeline = rt.pipeline()
@@ -459,10 +462,15 @@ def ingest_sources(ctx: typer.Context, sources: list[MessageSource], run: Ingest
         with progress_bar("ingesting") as bar:
             task = bar.add_task("ingest", total=sum(len(s) for s in sources))
             for source in sources:
-                for item in source:
-                    envelope = Envelope(source=item.source, extra={"origin": item.origin})
-                    run.stored.append(receive(rt.sessions, item.raw, envelope))
-                    run.fates[process(pipeline, run.stored[-1]) or "skipped"] += 1
+                if source.spec == "-":  # stored before anything else can go wrong (exit 0/75)
+                    for item in source:
+                        run.stored.append(receive(rt.sessions, item.raw, item.envelope()))
+                        run.fates[process(pipeline, run.stored[-1]) or "skipped"] += 1
+                        bar.advance(task)
+                    continue
+                for inbound_id, fate in backfill(rt.sessions, source, partial(process, pipeline)):
+                    run.stored.append(inbound_id)
+                    run.fates[fate or "skipped"] += 1
                     bar.advance(task)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,9 +19,24 @@ def receive(sessions: sessionmaker[Session], raw: bytes, envelope: Envelope) -> 
 
     Raises whatever the database raises; callers must not acknowledge the message then.
     """
+    return receive_batch(sessions, [(raw, envelope)])[0]
+
+
+def receive_batch(
+    sessions: sessionmaker[Session], messages: Sequence[tuple[bytes, Envelope]]
+) -> list[int]:
+    """Commit several messages in one transaction (a backfill's batch: one commit for all);
+    their row ids, in order. All are stored or, if the commit raises, none."""
+    rows = [_ledger_row(raw, envelope) for raw, envelope in messages]
+    with sessions.begin() as session:
+        session.add_all(rows)
+    return [row.id for row in rows]
+
+
+def _ledger_row(raw: bytes, envelope: Envelope) -> InboundMessage:
     digest = hashlib.sha256(raw).hexdigest()
     message_id, key = identity_of(raw, digest)
-    row = InboundMessage(
+    return InboundMessage(
         source=envelope.source,
         raw=raw,
         size=len(raw),
@@ -33,9 +49,6 @@ def receive(sessions: sessionmaker[Session], raw: bytes, envelope: Envelope) -> 
         envelope=envelope.extra,
         status=Fate.RECEIVED,
     )
-    with sessions.begin() as session:
-        session.add(row)
-    return row.id
 
 
 def unstored_mail(raw: bytes, envelope: Envelope, received_at: datetime) -> IncomingMail:

@@ -13,7 +13,7 @@ import socket
 import threading
 from datetime import datetime, timedelta
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from storage import repo
 from storage.models import utcnow
@@ -54,18 +54,18 @@ def lease_abandoned(owner: str, until: datetime | None, now: datetime) -> bool:
     return False
 
 
-def take_lease(sessions: sessionmaker[Session], inbound_id: int, owner: str) -> int | None:
-    """Become the one process working on the message, committed before the work starts.
+def take_lease(session: Session, inbound_id: int, owner: str) -> int | None:
+    """Become the one process working on the message, in `session`'s transaction, which the
+    caller commits before the work starts.
 
     Returns how many attempts in a row were interrupted (their lease left behind), or None if
     the message is done or another live process holds it.
     """
     now = utcnow()
-    with sessions.begin() as session:
-        seen = repo.lease_of(session, inbound_id)
-        if seen is None or seen.status not in PROCESSABLE:
-            return None
-        if seen.owner is not None and not lease_abandoned(seen.owner, seen.until, now):
-            return None
-        taken = repo.take_lease(session, inbound_id, seen, owner, now + LEASE)
+    seen = repo.lease_of(session, inbound_id)
+    if seen is None or seen.status not in PROCESSABLE:
+        return None
+    if seen.owner is not None and not lease_abandoned(seen.owner, seen.until, now):
+        return None
+    taken = repo.take_lease(session, inbound_id, seen, owner, now + LEASE)
     return taken[1] if taken else None

@@ -27,14 +27,23 @@ from storage.states import PROCESSABLE, Fate, Stage
 log = logging.getLogger(__name__)
 
 
-def load(ctx: PipelineContext, inbound_id: int) -> IncomingMail | None:
-    """The ledger row as an IncomingMail, or None if it needs no processing or has no bytes to
-    process (never fetched: the message is still in its mailbox, and the reason stays)."""
-    with ctx.sessions() as session:
+def load_and_lease(
+    ctx: PipelineContext, inbound_id: int, owner: str
+) -> tuple[IncomingMail, int] | None:
+    """The ledger row as an IncomingMail with its processing lease taken by `owner`, in one
+    committed transaction; None if it needs no processing, has no bytes to process (never
+    fetched: the message is still in its mailbox, and the reason stays) or another live
+    process holds it. With the mail comes how many attempts in a row died unfinished."""
+    with ctx.sessions.begin() as session:
         row = session.get(InboundMessage, inbound_id)
         if row is None or row.status not in PROCESSABLE or row.fail_stage == Stage.FETCH:
             return None
-        return incoming_mail(row)
+        mail = incoming_mail(row)
+        interruptions = take_lease(session, inbound_id, owner)
+        if interruptions is None:
+            return None
+    mail.lease_owner = owner
+    return mail, interruptions
 
 
 def incoming_mail(row: InboundMessage) -> IncomingMail:
@@ -52,13 +61,10 @@ def incoming_mail(row: InboundMessage) -> IncomingMail:
 def process(ctx: PipelineContext, inbound_id: int) -> Fate | None:
     """Process one ledger row; returns its fate, or None if it was not processable (done, or
     being processed by another process)."""
-    mail = load(ctx, inbound_id)
-    if mail is None:
+    leased = load_and_lease(ctx, inbound_id, lease_owner())
+    if leased is None:
         return None
-    mail.lease_owner = lease_owner()
-    interruptions = take_lease(ctx.sessions, inbound_id, mail.lease_owner)
-    if interruptions is None:
-        return None
+    mail, interruptions = leased
     if interruptions >= INTERRUPTED_LIMIT:
         error = (
             f"processing was interrupted {interruptions} times without finishing "

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ingest.mail import Envelope
 from storage.states import Source
 
 STDIN = "-"
@@ -21,6 +22,9 @@ class FileMessage:
     raw: bytes
     origin: str  # where it came from, for logs and the envelope: path, path#key, or stdin
     source: Source
+
+    def envelope(self) -> Envelope:
+        return Envelope(source=self.source, extra={"origin": self.origin})
 
 
 def is_maildir(path: Path) -> bool:
