@@ -341,7 +341,7 @@ class Writer:
                 f"■受付日時：{at:%Y年%m月%d日 %H時%M分}",
                 f"■会社名　：{company}",
                 f"■お名前　：{name} 様",
-                f"■電話番号：{self.noisy('03-' + str(self.rng.randrange(1000, 9999)) + '-5678', False)}",
+                f"■電話番号：{self.noisy(f'03-{self.rng.randrange(1000, 9999)}-5678', False)}",
                 "■ご用件　：",
                 topic,
                 f"■受付番号：{call_id}",
