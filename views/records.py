@@ -21,6 +21,7 @@ def ticket_view(ticket: Ticket) -> dict[str, Any]:
         "source_kind": ticket.source_kind,
         "category": ticket.category,
         "subject": ticket.subject,
+        "summary": ticket.summary,
         "requester_name": ticket.requester_name,
         "requester_email": ticket.requester_email,
         "requester_phone": ticket.requester_phone,
