@@ -161,12 +161,19 @@ class Classifier:
     def _reason(
         self, weights: np.ndarray | None, columns: np.ndarray, values: np.ndarray
     ) -> tuple[str, ...]:
-        """The n-grams of the mail that added most to the predicted class's score."""
+        """The (up to three) n-grams of the mail, with a letter in them, that added most to the
+        predicted class's score."""
         if weights is None or not len(columns):
             return ()
         scores = values * weights[columns]
-        top = np.argsort(-scores)[:REASONS]
-        return tuple(str(self.features[columns[i]]) for i in top if scores[i] > 0)
+        reasons: list[str] = []
+        for i in np.argsort(-scores):
+            gram = str(self.features[columns[i]]).strip()
+            if scores[i] <= 0 or len(reasons) == REASONS:
+                break
+            if any(ch.isalpha() for ch in gram) and gram not in reasons:  # words, not `: 0`
+                reasons.append(gram)
+        return tuple(reasons)
 
 
 def dump(classifier: Classifier) -> tuple[bytes, str]:

@@ -8,6 +8,7 @@ removed; else the subject. Every pattern is RE2 and runs per line or per sentenc
 
 from __future__ import annotations
 
+import itertools
 import unicodedata
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -31,12 +32,16 @@ GREETING = compile_regex(
     r"|thank you for (?:your|the) (?:reply|email|e-mail|message|mail)"
     r"|(?:i hope|hope) (?:this|you)"
     r"|.{0,40}(?:と申します|でございます)"
-    r"|.{0,30}の.{1,10}(?:です|でございます)。?$"
-    r"|.{0,40}(?:様|さま|御中|各位|殿)[、,:：]?$"
+    r"|[^、,]{0,30}の[^、,]{1,8}(?:です|でございます)。?$"
     r"|(?:よろしく|宜しく)お願い"
     r"|(?:以上|取り急ぎ|引き続き)"
     r")"
 )
+# A line naming whom the mail is for (株式会社サクラ酒販 / ご担当者様): with the lines above it,
+# the address block.
+ADDRESSEE = compile_regex(r"^.{0,40}(?:様|さま|御中|各位|殿)[、,:：]?$")
+ADDRESS_LINES = 4  # the address block is at the top
+MAX_LINES = 200
 # The line that starts a signature or the closing: nothing after it is the inquiry.
 SIGNATURE = compile_regex(
     r"(?i)^(?:--\s*$|[-_=━─＿―*＊]{3,}|(?:best |kind )?regards\b|sincerely\b|thanks,?$|"
@@ -55,8 +60,12 @@ def summarize(subject: str, text: str, fields: Mapping[str, Any]) -> str:
 
 
 def first_sentence(text: str) -> str | None:
-    """The first sentence of `text` that is not a greeting, an introduction or a quote."""
-    for line in _content_lines(text):
+    """The first sentence of `text` that is not an address, a greeting, an introduction or a
+    quote."""
+    lines = list(itertools.islice(_content_lines(text), MAX_LINES))
+    head = enumerate(lines[:ADDRESS_LINES])
+    addressed = max((i for i, line in head if ADDRESSEE.search(_fold(line))), default=-1)
+    for line in lines[addressed + 1 :]:
         for sentence in _sentences(line):
             if len(sentence) >= MIN_SENTENCE_CHARS and not GREETING.search(_fold(sentence)):
                 return sentence
