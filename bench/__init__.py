@@ -1,1 +1,1 @@
-"""Benchmarks: scripts that print figures (bench/README.md); `triage_corpus` is imported by tests."""
+"""Benchmarks: scripts that print figures (bench/README.md); tests import `triage_corpus`."""
