@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -59,6 +60,9 @@ def run(count: int, seed: int, folder: Path) -> tuple[Report, dict[str, float]]:
 
 
 def show(report: Report, figures: dict[str, float]) -> None:
+    print(
+        f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores"
+    )
     print(
         f"history: {report.trained_on + report.tested_on} tickets, stored in "
         f"{figures['history_seconds']:.1f} s"
