@@ -1361,8 +1361,10 @@ def since_or_exit(ctx: typer.Context, since: str) -> datetime:
 def triage_train(
     ctx: typer.Context, since: TrainedSinceOption = "180d", json_output: JsonOption = False
 ) -> None:
-    """Fit the triage model on the tickets' current category and assignee (as people corrected
-    them) and store it as the next version: every node suggests with it from its next message.
+    """Fit the triage model on the tickets' categories and assignees, and store it.
+
+    It learns the tickets' current category and assignee (as people corrected them) and is
+    stored as the next version: every node suggests with it from its next message.
 
     Exits 1 when there is too little to learn from (fewer than two categories)."""
     from triage.model import TrainingError
@@ -1395,9 +1397,11 @@ def triage_eval(
     rules_file: RulesFileOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """How well the model would have done: fit on the older tickets, test on the newer ones,
-    next to the rules alone (the held-out mails' raw bytes routed again, writing nothing) and
-    to always guessing the most common class. Stores nothing."""
+    """Measure the model on the newest tickets, beside the rules and the most common class.
+
+    Fits on the older tickets and tests on the newer ones, next to the rules alone (the held-out
+    mails' raw bytes routed again, writing nothing) and to always guessing the most common
+    class. Stores nothing."""
     from pipeline.dryrun import rules_alone
     from storage import repo
     from triage.evaluate import evaluate
