@@ -1436,8 +1436,9 @@ def print_triage_report(report: Report) -> None:
 
     out.print(
         f"trained on the older {report.trained_on} tickets, tested on the newer "
-        f"{report.tested_on}; training {report.train_seconds:.2f} s, "
-        f"{report.predict_ms_per_message:.2f} ms per message",
+        f"{report.tested_on}; training {report.train_seconds:.2f} s "
+        f"({report.train_cpu_seconds:.2f} s CPU), {report.predict_ms_per_message:.2f} ms per "
+        f"message ({report.predict_cpu_ms_per_message:.2f} ms CPU)",
         highlight=False,
     )
     for target, found in report.targets.items():

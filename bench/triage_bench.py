@@ -68,8 +68,10 @@ def show(report: Report, figures: dict[str, float]) -> None:
         f"{figures['history_seconds']:.1f} s"
     )
     print(
-        f"hold-out: trained on {report.trained_on} in {report.train_seconds:.2f} s, "
-        f"tested on {report.tested_on}; predict {report.predict_ms_per_message:.2f} ms/message"
+        f"hold-out: trained on {report.trained_on} in {report.train_seconds:.2f} s "
+        f"({report.train_cpu_seconds:.2f} s CPU), tested on {report.tested_on}; predict "
+        f"{report.predict_ms_per_message:.2f} ms/message "
+        f"({report.predict_cpu_ms_per_message:.2f} ms CPU)"
     )
     print(
         f"train on all, store as a version: {figures['train_all_seconds']:.2f} s "
