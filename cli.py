@@ -657,7 +657,7 @@ def tickets_show(
 ) -> None:
     """Show one ticket with its body, comments and attachments."""
     from storage import repo
-    from views.records import attachment_view, ticket_view
+    from views.records import attachment_view, suggestion_view, ticket_view
 
     with runtime(ctx) as rt, rt.sessions() as session:
         ticket = ticket_or_exit(session, key)
@@ -670,6 +670,7 @@ def tickets_show(
             "attachments": [
                 attachment_view(a) for a in repo.attachments_of_ticket(session, ticket.id)
             ],
+            "suggestion": suggestion_view(repo.suggestion_of(session, ticket.id)),
         }
     if json_output:
         print_json(view)

@@ -76,3 +76,7 @@ def test_eval_train_then_rules_test_shows_the_suggestion(cli, db_url, tmp_path):
     assert result.exit_code == 0, result.output
     listed = json.loads(cli("tickets", "list", "--limit", "1", "--json").stdout)[0]
     assert listed["summary"] == "届いたシャブリ 2022のコルクが沈んでいました。"
+    shown = json.loads(cli("tickets", "show", listed["key"], "--json").stdout)
+    assert shown["category"] == "inquiry"
+    assert shown["suggestion"]["category"] == "complaint"
+    assert cli("tickets", "show", listed["key"]).exit_code == 0
