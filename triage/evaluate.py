@@ -53,7 +53,9 @@ class Report:
         return asdict(self)
 
 
-def split(tickets: Sequence[LabelledTicket], holdout: float) -> tuple[list, list]:
+def split(
+    tickets: Sequence[LabelledTicket], holdout: float
+) -> tuple[list[LabelledTicket], list[LabelledTicket]]:
     """The older (1 - holdout) of the tickets, and the newer rest; tickets come oldest first."""
     cut = round(len(tickets) * (1 - holdout))
     return list(tickets[:cut]), list(tickets[cut:])
