@@ -297,3 +297,11 @@ def test_one_mail_vectors_are_the_vectorizers(history):
     direct = model.vectors(documents[:20]).toarray()
     assert abs(direct - model.vectorizer.transform(documents[:20]).toarray()).max() < 1e-6
     assert model.assignee is None
+
+
+def test_the_pipeline_imports_scikit_learn_only_for_a_model():
+    from tests.test_help import imported_modules
+
+    modules = imported_modules("import pipeline.process, pipeline.dryrun, sources.workers")
+    assert "triage.store" in modules
+    assert not {m for m in modules if m.split(".")[0] in ("sklearn", "scipy", "numpy")}

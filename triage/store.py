@@ -1,11 +1,16 @@
 """Models in the store: train one from the tickets, save it as the next version, and load the
-newest (every node loads the same one), cached per process by its sha256."""
+newest (every node loads the same one), cached per process by its sha256.
+
+scikit-learn is imported only once a model is trained or loaded: importing it takes seconds,
+and the pipeline imports this module in every `ingest` run and worker, with or without a model.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
@@ -13,7 +18,9 @@ from ingest.mail import IncomingMail, Suggestion
 from storage import repo
 from storage.models import TriageModel
 from triage.features import document, mail_document
-from triage.model import Classifier, dump, load
+
+if TYPE_CHECKING:
+    from triage.model import Classifier
 
 
 def ticket_documents(tickets: list[repo.LabelledTicket]) -> list[str]:
@@ -22,6 +29,8 @@ def ticket_documents(tickets: list[repo.LabelledTicket]) -> list[str]:
 
 def fit(tickets: list[repo.LabelledTicket]) -> Classifier:
     """A classifier fitted on the tickets' current category and assignee."""
+    from triage.model import Classifier
+
     return Classifier().fit(
         ticket_documents(tickets), [t.category for t in tickets], [t.assignee for t in tickets]
     )
@@ -39,6 +48,8 @@ class Trained:
 
 def train(session: Session, since: datetime | None) -> Trained:
     """Fit on the tickets made since `since` and store the model as the next version."""
+    from triage.model import dump
+
     tickets = repo.labelled_tickets(session, since)
     started = time.perf_counter()
     classifier = fit(tickets)
@@ -76,6 +87,8 @@ class ModelCache:
             return None
         version, sha256 = found
         if self._loaded is None or self._loaded[0] != sha256:
+            from triage.model import load
+
             self._loaded = (sha256, load(repo.triage_model_bytes(session, version), sha256))
         return version, self._loaded[1]
 
