@@ -256,15 +256,19 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     """Every socket connect or send to a network address raises (Unix sockets may connect)."""
     tried: list[Any] = []
 
-    def refuse(self: socket.socket, address: Any, *args: Any) -> Any:
-        if self.family != socket.AF_UNIX:
-            tried.append(address)
-            raise OSError(f"test: no network ({address!r})")
-        return original[self.family](self, address, *args)
+    def guarded(name: str) -> Any:
+        original = getattr(socket.socket, name)
 
-    original = {socket.AF_UNIX: socket.socket.connect}
+        def refuse(self: socket.socket, address: Any, *args: Any) -> Any:
+            if self.family != socket.AF_UNIX:
+                tried.append(address)
+                raise OSError(f"test: no network ({address!r})")
+            return original(self, address, *args)
+
+        return refuse
+
     for name in ("connect", "connect_ex", "sendto"):
-        monkeypatch.setattr(socket.socket, name, refuse)
+        monkeypatch.setattr(socket.socket, name, guarded(name))
     yield tried
 
 
