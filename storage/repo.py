@@ -34,6 +34,8 @@ from storage.models import (
     ProcessingAttempt,
     Ticket,
     TicketComment,
+    TicketSuggestion,
+    TriageModel,
     utcnow,
 )
 from storage.states import FINAL, PROCESSABLE, SETTLED, WITH_RECORD, Fate, Stage
@@ -757,3 +759,78 @@ def fates_per_hour(session: Session, since: datetime) -> list[tuple[datetime, st
         moment = bucket if isinstance(bucket, datetime) else datetime.fromisoformat(bucket)
         rows.append((moment.replace(tzinfo=UTC), status, count))
     return rows
+# --- triage (triage/): training tickets, stored models, suggestions ------------------------------
+
+
+@dataclass(frozen=True)
+class LabelledTicket:
+    """What the triage model learns from: a ticket's text and its current labels."""
+
+    id: int
+    created_at: datetime
+    subject: str
+    body: str
+    source_kind: str
+    fields: dict[str, Any]
+    category: str
+    assignee: str | None
+    inbound_message_id: int
+
+
+def labelled_tickets(session: Session, since: datetime | None = None) -> list[LabelledTicket]:
+    """Tickets with a category, oldest first (time order is what the hold-out splits on)."""
+    query = (
+        select(
+            Ticket.id,
+            Ticket.created_at,
+            Ticket.subject,
+            Ticket.body,
+            Ticket.source_kind,
+            Ticket.fields,
+            Ticket.category,
+            Ticket.assignee,
+            Ticket.inbound_message_id,
+        )
+        .where(Ticket.category.is_not(None))
+        .order_by(Ticket.created_at, Ticket.id)
+    )
+    if since is not None:
+        query = query.where(Ticket.created_at >= since)
+    return [LabelledTicket(*row) for row in session.execute(query).all()]
+
+
+def raw_of(session: Session, inbound_id: int) -> bytes:
+    return session.scalars(
+        select(InboundRaw.raw).where(InboundRaw.inbound_message_id == inbound_id)
+    ).one()
+
+
+def add_triage_model(session: Session, model: TriageModel) -> int:
+    """Store a trained model as the next version; returns the version."""
+    newest = session.scalar(select(func.max(TriageModel.version))) or 0
+    model.version = newest + 1
+    session.add(model)
+    session.flush()
+    return model.version
+
+
+def newest_triage_model(session: Session) -> tuple[int, str] | None:
+    """(version, sha256) of the newest model, without its bytes: asked once per message."""
+    row = session.execute(
+        select(TriageModel.version, TriageModel.sha256)
+        .order_by(TriageModel.version.desc())
+        .limit(1)
+    ).first()
+    return (row.version, row.sha256) if row else None
+
+
+def triage_model_bytes(session: Session, version: int) -> bytes:
+    return session.scalars(select(TriageModel.model).where(TriageModel.version == version)).one()
+
+
+def save_suggestion(session: Session, suggestion: TicketSuggestion) -> None:
+    session.add(suggestion)
+
+
+def suggestion_of(session: Session, ticket_id: int) -> TicketSuggestion | None:
+    return session.get(TicketSuggestion, ticket_id)
