@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from ingest.mail import Envelope, IncomingMail
 from pipeline.attempts import error_line, record_attempt
 from pipeline.context import PipelineContext
-from pipeline.leases import INTERRUPTED_LIMIT, lease_owner, take_lease
+from pipeline.leases import INTERRUPTED_LIMIT, claim_next, lease_owner, take_lease
 from pipeline.retry import retry_at
 from pipeline.stages import DECIDING_STAGES, NotOurs, examine
 from storage import repo
@@ -59,6 +59,27 @@ def process(ctx: PipelineContext, inbound_id: int) -> Fate | None:
     interruptions = take_lease(ctx.sessions, inbound_id, mail.lease_owner)
     if interruptions is None:
         return None
+    return _run(ctx, mail, interruptions)
+
+
+def process_next(ctx: PipelineContext) -> tuple[int, Fate | None] | None:
+    """Claim the oldest waiting message no living process holds (any node's: `claim_next`)
+    and process it; (its ledger id, its fate), or None when nothing is left to claim."""
+    owner = lease_owner()
+    claimed = claim_next(ctx.sessions, owner)
+    if claimed is None:
+        return None
+    inbound_id, interruptions = claimed
+    mail = load(ctx, inbound_id)
+    if mail is None:
+        return inbound_id, None
+    mail.lease_owner = owner
+    return inbound_id, _run(ctx, mail, interruptions)
+
+
+def _run(ctx: PipelineContext, mail: IncomingMail, interruptions: int) -> Fate | None:
+    """The stages, for a message whose lease this thread took."""
+    inbound_id = mail.inbound_id
     if interruptions >= INTERRUPTED_LIMIT:
         error = (
             f"processing was interrupted {interruptions} times without finishing "
