@@ -185,6 +185,7 @@ class Senders:
         """Send `batch` to node `index`; returns those it did not acknowledge."""
         try:
             with smtplib.SMTP("127.0.0.1", self.nodes[index].port, timeout=60) as smtp:
+                smtp.ehlo()
                 for done, message_id in enumerate(batch):
                     n = int(message_id.split("-")[1].split("@")[0])
                     smtp.mail("customer@example.com")
@@ -309,9 +310,8 @@ def test_three_nodes_one_killed_every_acknowledged_message_one_ticket(
     assert set(made.values()) == {1}, [m for m, c in made.items() if c > 1]
     with engine.connect() as conn:
         keys = list(conn.scalars(select(Ticket.key)))
-        statuses = dict(
-            conn.execute(text("SELECT status, count(*) FROM inbound_ledger GROUP BY 1"))
-        )
+        by_status = text("SELECT status, count(*) FROM inbound_ledger GROUP BY 1")
+        statuses = {status: count for status, count in conn.execute(by_status)}
         takers = set(
             conn.scalars(
                 select(ProcessingAttempt.pid).where(
