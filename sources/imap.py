@@ -328,7 +328,7 @@ class FolderFetcher:
         """
         found_before = self.found
         if not self.lease.acquire():
-            raise LeaseLost(f"imap {self.label} is being fetched by another node (imap_leases)")
+            raise LeaseLost("another node is fetching this folder (see imap_leases): not fetched")
         done = threading.Event()
         self._stop = self.lease.hold(done)
         try:

@@ -23,6 +23,7 @@ from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.leases import FolderLease, claim_next, lease_abandoned, lease_owner
 from pipeline.process import PipelineContext, process, process_next
+from sources.imap import Hooks, LeaseLost, folder_fetchers
 from storage import db, repo
 from storage.models import ImapLease, InboundMessage, Ticket, utcnow
 from storage.states import Fate
@@ -275,3 +276,16 @@ def test_a_listener_hears_every_new_ticket_and_comment_key(own_database):
         assert heard == [*keys, "INQ-2"]  # each ticket, then the comment's ticket
     finally:
         engine.dispose()
+
+
+def test_fetch_once_refuses_a_folder_another_node_is_fetching(db_url, sessions):
+    account = {"name": "inquiry", "host": "192.0.2.1", "username": "u", "password": "p"}
+    settings = Settings(database={"url": db_url}, imap={"accounts": [account]})
+    with sessions.begin() as session:
+        until = utcnow() + timedelta(minutes=1)
+        session.add(
+            ImapLease(account="inquiry", folder="INBOX", owner="elsewhere:1:1:x.1", until=until)
+        )
+    (fetcher,) = folder_fetchers(settings, sessions, Hooks(lambda _id: None))
+    with pytest.raises(LeaseLost, match="another node is fetching this folder"):
+        fetcher.fetch_once()  # before connecting: 192.0.2.1 is never reached
