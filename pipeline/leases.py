@@ -36,8 +36,11 @@ INTERRUPTED_LIMIT = 3
 # How long a processing lease lasts: far longer than any message takes. A holder that dies on
 # this host is noticed at once; one on another host when its lease runs out.
 LEASE = timedelta(minutes=10)
-# Rows `claim_next` looks at in one go: enough to get past those this host's live workers hold.
-CLAIM_CANDIDATES = 16
+# Free rows `claim_next` looks at in one go: a few, in case another process wins one (SQLite).
+CLAIM_CANDIDATES = 4
+# Rows leased on this host it looks at: more than one host's processes can hold (a lease each:
+# at most processing.workers, 64, plus commands such as `failed replay`).
+HELD_HERE = 100
 HOST_LENGTH = 200
 
 
@@ -126,15 +129,16 @@ def claim_next(sessions: sessionmaker[Session], owner: str) -> tuple[int, int] |
     """Take the lease of the oldest message waiting that no living process holds, committed
     before the work starts: (ledger id, interruptions so far), or None when there is none.
 
-    The candidates are rows without a lease, with an expired one, or with one of this host's
-    (whose holder may be dead); on PostgreSQL they are read `FOR UPDATE SKIP LOCKED`, so nodes
-    claiming at the same moment each get other rows instead of waiting on, or racing for, one.
+    First among rows without a lease or with an expired one (any node's); then among those
+    held on this host, whose holder may have died. On PostgreSQL the candidates are read `FOR
+    UPDATE SKIP LOCKED`, so nodes claiming at the same moment each get other rows instead of
+    waiting on, or racing for, one, and only a few rows are locked per claim.
     """
     now = utcnow()
     with sessions.begin() as session:
-        for inbound_id, seen in repo.lease_candidates(
-            session, f"{_host()}:", now, CLAIM_CANDIDATES
-        ):
+        free = repo.lease_candidates(session, now, CLAIM_CANDIDATES)
+        here = [] if free else repo.lease_candidates(session, now, HELD_HERE, f"{_host()}:")
+        for inbound_id, seen in free + here:
             if seen.owner is not None and not lease_abandoned(seen.owner, seen.until, now):
                 continue
             taken = repo.take_lease(session, inbound_id, seen, owner, now + LEASE)

@@ -557,29 +557,22 @@ TICKETS_CHANNEL = "mailintake_tickets"
 
 
 def lease_candidates(
-    session: Session, host_prefix: str, now: datetime, limit: int
+    session: Session, now: datetime, limit: int, held_on: str | None = None
 ) -> list[tuple[int, Lease]]:
-    """Messages waiting (`received`), oldest first, whose lease a process may take: none, an
-    expired one, or one held on this host (`host_prefix`: its holder may have died). On
-    PostgreSQL the rows are locked `FOR UPDATE SKIP LOCKED` until the caller commits, so
-    concurrent callers get disjoint rows (SQLite has no row locks; the compare-and-set of
-    `take_lease` settles a race there)."""
+    """Messages waiting (`received`), oldest first, whose lease is free or has run out; with
+    `held_on` (a `host:` prefix) instead those whose current lease a process of that host holds
+    (it may have died). On PostgreSQL the rows are locked `FOR UPDATE SKIP LOCKED` until the
+    caller commits, so concurrent callers get disjoint rows (SQLite has no row locks; the
+    compare-and-set of `take_lease` settles a race there)."""
+    ledger = InboundMessage
+    if held_on is None:
+        which = or_(ledger.lease_owner.is_(None), ledger.lease_until <= now)
+    else:
+        which = ledger.lease_owner.startswith(held_on, autoescape=True) & (ledger.lease_until > now)
     query = (
-        select(
-            InboundMessage.id,
-            InboundMessage.status,
-            InboundMessage.lease_owner,
-            InboundMessage.lease_until,
-        )
-        .where(
-            InboundMessage.status == Fate.RECEIVED,
-            or_(
-                InboundMessage.lease_owner.is_(None),
-                InboundMessage.lease_until <= now,
-                InboundMessage.lease_owner.startswith(host_prefix, autoescape=True),
-            ),
-        )
-        .order_by(InboundMessage.id)
+        select(ledger.id, ledger.status, ledger.lease_owner, ledger.lease_until)
+        .where(ledger.status == Fate.RECEIVED, which)
+        .order_by(ledger.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )

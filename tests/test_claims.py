@@ -117,7 +117,7 @@ def test_on_postgresql_concurrent_claims_skip_rows_another_claim_has_locked(pg_s
     try:
         first, second = (receive(sessions, simple_mail(f"m{n}"), FILE) for n in range(2))
         with sessions.begin() as holding:  # a claim in progress on another node
-            locked = repo.lease_candidates(holding, "elsewhere:", utcnow(), 1)
+            locked = repo.lease_candidates(holding, utcnow(), 1)
             assert [row_id for row_id, _ in locked] == [first]
             assert in_another_thread(lambda: claim_next(sessions, lease_owner())) == (second, 0)
     finally:
@@ -146,13 +146,18 @@ def test_many_claimers_take_every_message_once(pipeline):
 
 
 def test_one_folder_lease_holder_at_a_time_and_takeover_after_failover(sessions):
-    release = threading.Event()
+    release, taken = threading.Event(), threading.Event()
     holder = FolderLease(sessions, "inquiry", "INBOX", failover_after=60)
-    thread = threading.Thread(target=lambda: (holder.acquire(), release.wait()))
+
+    def hold() -> None:
+        assert holder.acquire()
+        taken.set()
+        release.wait()
+
+    thread = threading.Thread(target=hold)
     thread.start()  # alive while it holds the lease (a live thread of this host)
     try:
-        while not holder.owner:
-            threading.Event().wait(0.01)
+        assert taken.wait(WAIT_SECONDS)
         standby = FolderLease(sessions, "inquiry", "INBOX", failover_after=60)
         assert not standby.acquire()
         with sessions.begin() as session:  # the holder stops renewing; its lease runs out
