@@ -34,7 +34,7 @@ from tests.conftest import _truncate_all
 from tests.mails import simple_mail
 from tests.servers import LISTENING, MAILINTAKE, ServeProcess
 from tests.test_imap import PASSWORD, USER, Mailbox, started_dovecot
-from tests.waiting import wait_for
+from tests.waiting import WAIT_SECONDS, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -298,7 +298,10 @@ def test_three_nodes_one_killed_every_acknowledged_message_one_ticket(
         made = tickets_per_message_id(engine)
         return (acked | imap_ids) <= set(made)
 
-    wait_for(all_ticketed, f"{len(acked)} SMTP and {IMAP_MESSAGES} IMAP messages ticketed")
+    # The bound grows with the size asked for (the full size takes minutes on a busy machine).
+    bound = WAIT_SECONDS * max(1.0, (SMTP_MESSAGES + IMAP_MESSAGES) / 500)
+    what = f"{len(acked)} SMTP and {IMAP_MESSAGES} IMAP messages ticketed"
+    wait_for(all_ticketed, what, timeout=bound)
     wait_for(
         lambda: (
             scalar(engine, select(func.count()).where(InboundMessage.status == "received")) == 0
