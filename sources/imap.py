@@ -12,6 +12,10 @@ closes the connection; the fetcher reconnects after an exponential backoff with 
 one line per attempt, and reports itself stalled when it has not synced for a configured time.
 A message that makes the server end the connection whenever it is fetched is recorded as failed
 and left in the mailbox, so that it does not block the folder (see `_note_dropped`).
+
+With several nodes on one store, one fetches a folder at a time: it holds the folder's lease
+(`pipeline.leases.FolderLease`, renewed by a heartbeat), the others stand by and take over
+`imap.failover_after` after the holder stopped renewing it, resuming from the checkpoint.
 """
 
 from __future__ import annotations
