@@ -3,8 +3,8 @@ acknowledged message becomes exactly one ticket although a node is SIGKILLed mid
 restarted), the living nodes take its backlog, and its IMAP folder lease passes to another node,
 which resumes from the checkpoint in the store.
 
-The sizes are parameters: MAILINTAKE_SCALE_MESSAGES (SMTP messages, default 300) and
-MAILINTAKE_SCALE_IMAP_MESSAGES (messages in the mailbox, default 60); the issue's full size is
+The sizes are parameters: MAILINTAKE_SCALE_MESSAGES (SMTP messages, default 150) and
+MAILINTAKE_SCALE_IMAP_MESSAGES (messages in the mailbox, default 30); the issue's full size is
 2000 and 300 (docs/performance.md has that run).
 """
 
@@ -38,8 +38,8 @@ from tests.waiting import WAIT_SECONDS, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-SMTP_MESSAGES = int(os.environ.get("MAILINTAKE_SCALE_MESSAGES", "300"))
-IMAP_MESSAGES = int(os.environ.get("MAILINTAKE_SCALE_IMAP_MESSAGES", "60"))
+SMTP_MESSAGES = int(os.environ.get("MAILINTAKE_SCALE_MESSAGES", "150"))
+IMAP_MESSAGES = int(os.environ.get("MAILINTAKE_SCALE_IMAP_MESSAGES", "30"))
 FAILOVER = 2.0  # imap.failover_after in these tests
 RECIPIENT = "inquiry@wine-importer.example.jp"
 PER_CONNECTION = 10
