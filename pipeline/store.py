@@ -42,6 +42,8 @@ def store(session: Session, mail: IncomingMail, key_prefix: str) -> None:
         rule_hits=decision.rule_hits if decision else [],
         rule_misses=decision.rule_misses if decision else [],
     )
+    if fate in (Fate.TICKET, Fate.COMMENT) and ticket_id is not None:
+        repo.notify_ticket(session, ticket_id)  # delivered to listeners on commit
 
 
 def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> Ticket:

@@ -263,6 +263,19 @@ class ImapCheckpoint(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class ImapLease(Base):
+    """Which node fetches an IMAP account's folder: one at a time, renewed by heartbeats; a
+    lease that runs out (its holder stopped renewing) is taken over by another node."""
+
+    __tablename__ = "imap_leases"
+
+    account: Mapped[str] = mapped_column(String(128), primary_key=True)
+    folder: Mapped[str] = mapped_column(String(255), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(255))  # `host:pid:thread:boot.start`
+    until: Mapped[datetime | None]
+    taken_at: Mapped[datetime | None]  # when the current (or last) holder took it
+
+
 class AssignmentCursor(Base):
     """Round-robin position per team, shared by every process using the database."""
 
