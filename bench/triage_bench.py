@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.triage_corpus import generate, load_history
-from config import Settings
+from config import Settings, load_settings
 from ingest.extract import load_templates
 from pipeline.context import PipelineContext
 from pipeline.dryrun import rules_alone
@@ -39,15 +39,19 @@ def run(count: int, seed: int, folder: Path) -> tuple[Report, dict[str, float]]:
     engine = db.make_engine(url)
     db.upgrade(engine)
     sessions = db.make_session_factory(engine)
-    settings = Settings(database={"url": url})
+    settings = Settings(
+        database={"url": url}, authserv_id=load_settings(ROOT / "config.yaml").authserv_id
+    )
     ctx = PipelineContext(settings, sessions, templates=load_templates(ROOT / "templates.yaml"))
     started = time.perf_counter()
-    history = generate(count, seed)
+    history = generate(count, seed, authserv_id=settings.authserv_id)
     load_history(ctx, history)
     figures = {"history_seconds": time.perf_counter() - started}
     with sessions() as session:
         tickets = repo.labelled_tickets(session)
-    decide = rules_alone(settings, sessions, load_rules(ROOT / "rules.yaml", settings.zone))
+    decide = rules_alone(
+        settings, sessions, load_rules(ROOT / "rules.yaml", settings.zone, settings.authserv_id)
+    )
     report = evaluate(tickets, lambda t: decide(t.inbound_message_id))
     started = time.perf_counter()
     with sessions.begin() as session:

@@ -235,9 +235,10 @@ class PastTicket:
 class Writer:
     """One seeded history; every choice goes through `self.rng`."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, authserv_id: str | None) -> None:
         self.rng = random.Random(seed)
         self.seed = seed
+        self.authserv_id = authserv_id
 
     def pick(self, options: Sequence[str]) -> str:
         return self.rng.choice(list(options))
@@ -294,8 +295,12 @@ class Writer:
         slower, which counts for thousands of mails)."""
         name, _, address = sender.rpartition(" ")
         sender = f"{Header(name, 'utf-8').encode()} {address}" if name else sender
-        head = [
-            f"From: {sender}",
+        head = [f"From: {sender}"]
+        if self.authserv_id:  # our MTA verified the sender's DKIM signature (binds the gateways)
+            domain = address.strip("<>").rpartition("@")[2]
+            verdict = f"{self.authserv_id}; dkim=pass header.d={domain}"
+            head.insert(0, f"Authentication-Results: {verdict}")
+        head += [
             f"To: {OUR_ADDRESS}",
             f"Subject: {Header(subject, 'utf-8').encode()}",
             f"Date: {format_datetime(at)}",
@@ -391,10 +396,16 @@ class Writer:
 
 
 def generate(
-    count: int, seed: int = 7, end: datetime | None = None, days: int = 150
+    count: int,
+    seed: int = 7,
+    end: datetime | None = None,
+    days: int = 150,
+    authserv_id: str | None = None,
 ) -> list[PastTicket]:
-    """`count` past tickets received over the `days` before `end` (default: now), oldest first."""
-    writer = Writer(seed)
+    """`count` past tickets received over the `days` before `end` (default: now), oldest first;
+    with `authserv_id` (config `authserv_id`) each carries our MTA's DKIM verdict, so the
+    gateways' mails are proven as theirs."""
+    writer = Writer(seed, authserv_id)
     end = end or datetime.now(UTC)
     offsets = sorted(writer.rng.uniform(0, days * 86400) for _ in range(count))
     kinds = writer.rng.choices(["email", "phone", "fax", "webform"], [55, 20, 12, 13], k=count)

@@ -760,6 +760,8 @@ def fates_per_hour(session: Session, since: datetime) -> list[tuple[datetime, st
         moment = bucket if isinstance(bucket, datetime) else datetime.fromisoformat(bucket)
         rows.append((moment.replace(tzinfo=UTC), status, count))
     return rows
+
+
 # --- triage (triage/): training tickets, stored models, suggestions ------------------------------
 
 
@@ -835,6 +837,8 @@ def save_suggestion(session: Session, suggestion: TicketSuggestion) -> None:
 
 def suggestion_of(session: Session, ticket_id: int) -> TicketSuggestion | None:
     return session.get(TicketSuggestion, ticket_id)
+
+
 # --- several nodes on one store: claiming rows, IMAP folder leases, ticket notifications -----
 
 TICKETS_CHANNEL = "mailintake_tickets"

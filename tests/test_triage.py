@@ -28,7 +28,7 @@ from storage import db, repo
 from storage.models import Ticket, TicketSuggestion, TriageModel
 from storage.states import Fate
 from tests.mails import simple_mail
-from tests.rulesets import incoming, rules_from, write_rules
+from tests.rulesets import OUR_MTA, incoming, rules_from, shipped_rules, write_rules
 from triage.evaluate import evaluate as evaluate_model
 from triage.features import document
 from triage.model import Classifier, load
@@ -44,11 +44,11 @@ CORKED = "届いたシャブリ 2022のコルクが沈んでいました。ワ�
 
 @pytest.fixture(scope="module")
 def history() -> list[PastTicket]:
-    return generate(400, seed=11, end=END)
+    return generate(400, seed=11, end=END, authserv_id=OUR_MTA)
 
 
 def pipeline_with_rules(settings: Settings, sessions: sessionmaker[Session]) -> PipelineContext:
-    rules = load_rules(ROOT / "rules.yaml", settings.zone)
+    rules = shipped_rules()
     templates = load_templates(ROOT / "templates.yaml")
     return PipelineContext(settings, sessions, RulesRouter(lambda: rules), templates=templates)
 
@@ -70,7 +70,7 @@ def test_trained_model_beats_both_baselines_on_the_newer_tickets(routed, session
     load_history(routed, history)
     with sessions() as session:
         tickets = repo.labelled_tickets(session)
-    rules = load_rules(ROOT / "rules.yaml", routed.settings.zone)
+    rules = shipped_rules()
     decide = rules_alone(routed.settings, sessions, rules)
     report = evaluate_model(tickets, lambda t: decide(t.inbound_message_id), holdout=0.2)
     assert (report.trained_on, report.tested_on) == (320, 80)

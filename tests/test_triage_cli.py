@@ -14,6 +14,7 @@ from cli import app
 from config import Settings
 from storage import db
 from tests.mails import simple_mail
+from tests.rulesets import OUR_MTA
 from tests.test_triage import CORKED, pipeline_with_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_nothing_to_learn_from_is_exit_1_and_a_bad_since_exit_2(cli):
 def test_eval_train_then_rules_test_shows_the_suggestion(cli, db_url, tmp_path):
     engine = db.make_engine(db_url)
     ctx = pipeline_with_rules(Settings(database={"url": db_url}), db.make_session_factory(engine))
-    load_history(ctx, generate(300, seed=5, end=datetime.now(UTC)))
+    load_history(ctx, generate(300, seed=5, end=datetime.now(UTC), authserv_id=OUR_MTA))
     engine.dispose()
 
     result = cli("triage", "eval", "--json")
