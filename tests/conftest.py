@@ -6,6 +6,7 @@ migrated SQLite template; servers listen on ports the system picks (tests/doveco
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +28,7 @@ from tests.servers import ServeProcess
 
 DATA = Path(__file__).parent / "data"
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+ROOT = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get(
     "MAILINTAKE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -63,6 +65,54 @@ def pg_schema_url() -> Iterator[str]:
     with admin.begin() as conn:
         conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
     admin.dispose()
+
+
+@contextlib.contextmanager
+def own_pg_database(prefix: str) -> Iterator[str]:
+    """A PostgreSQL database of its own (not a schema), migrated; its name is yielded. For
+    tests that need what is per database (notifications) or take the database away (rename it
+    to `NAME_away`): both names are dropped at the end, their connections cut."""
+    reason = pg_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    engine = db.make_engine(pg_database_url(name))
+    db.upgrade(engine)
+    engine.dispose()
+    try:
+        yield name
+    finally:
+        with admin.connect() as conn:
+            for current in (name, f"{name}_away"):
+                conn.execute(text(f"DROP DATABASE IF EXISTS {current} WITH (FORCE)"))
+        admin.dispose()
+
+
+def pg_database_url(name: str) -> str:
+    """PG_URL with another database."""
+    return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def shipped_cli(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`mailintake` with the shipped config, rules and templates on the test database:
+    `shipped_cli("rules", "check")` gives typer's result."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    monkeypatch.setenv("MAILINTAKE_DATABASE__URL", db_url)
+    monkeypatch.setenv("MAILINTAKE_RULES__PATH", str(ROOT / "rules.yaml"))
+    monkeypatch.setenv("MAILINTAKE_TEMPLATES__PATH", str(ROOT / "templates.yaml"))
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        return runner.invoke(app, ["--config", str(ROOT / "config.yaml"), *args])
+
+    return run
 
 
 def _truncate_all(engine: Engine) -> None:

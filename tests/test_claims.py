@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -14,7 +13,7 @@ from typing import TypeVar
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,7 +26,7 @@ from sources.imap import Hooks, LeaseLost, folder_fetchers
 from storage import db, repo
 from storage.models import ImapLease, InboundMessage, Ticket, utcnow
 from storage.states import Fate
-from tests.conftest import _truncate_all
+from tests.conftest import _truncate_all, own_pg_database, pg_database_url
 from tests.mails import simple_mail
 from tests.waiting import WAIT_SECONDS, wait_for
 
@@ -239,25 +238,10 @@ def test_ticket_keys_are_unique_with_concurrent_writers(pipeline):
 
 @pytest.fixture
 def own_database() -> Iterator[str]:
-    """A database of its own, migrated: notifications are per database, and other tests (other
-    xdist workers, in other schemas) make tickets meanwhile."""
-    from tests.conftest import PG_URL, pg_unavailable_reason
-
-    reason = pg_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    name = f"mi_notify_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    engine = db.make_engine(url)
-    db.upgrade(engine)
-    engine.dispose()
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
+    """A database of its own: notifications are per database, and other tests (other xdist
+    workers, in other schemas) make tickets meanwhile."""
+    with own_pg_database("mi_notify") as name:
+        yield pg_database_url(name)
 
 
 @pytest.mark.postgres

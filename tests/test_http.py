@@ -13,7 +13,6 @@ import smtplib
 import socket
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -21,7 +20,6 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text, update
-from sqlalchemy.engine import make_url
 
 from config import Settings
 from ingest.intake import receive
@@ -32,7 +30,7 @@ from sources.metrics import Parts
 from sources.service import ListenerError, Service
 from storage import db
 from storage.models import InboundMessage, utcnow
-from tests.conftest import PG_URL, pg_unavailable_reason
+from tests.conftest import PG_URL, own_pg_database, pg_database_url
 from tests.mails import simple_mail
 from tests.servers import LISTENING, ServeProcess, ServiceThread, wait_for
 from tests.test_imap import imap_settings, started_dovecot
@@ -110,28 +108,10 @@ def checks(backlog: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-def own_pg_database() -> Iterator[str]:
+def own_database() -> Iterator[str]:
     """A PostgreSQL database of its own, migrated, that the test may take away (rename)."""
-    reason = pg_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    name = f"mi_http_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    engine = db.make_engine(url)
-    db.upgrade(engine)
-    engine.dispose()
-    yield name
-    with admin.connect() as conn:
-        for current in (name, f"{name}_away"):
-            conn.execute(
-                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
-                {"d": current},
-            )
-            conn.execute(text(f"DROP DATABASE IF EXISTS {current}"))
-    admin.dispose()
+    with own_pg_database("mi_http") as name:
+        yield name
 
 
 def rename_database(old: str, new: str) -> None:
@@ -149,25 +129,25 @@ def rename_database(old: str, new: str) -> None:
 
 
 @pytest.mark.postgres
-def test_readyz_says_503_while_the_database_is_unreachable_and_200_after(own_pg_database):
-    url = make_url(PG_URL).set(database=own_pg_database).render_as_string(hide_password=False)
+def test_readyz_says_503_while_the_database_is_unreachable_and_200_after(own_database):
+    url = pg_database_url(own_database)
     settings = Settings(database={"url": url}, smtp={"port": 0}, processing={"mode": "thread"})
     engine = db.make_engine(url)
     service = ServiceThread(settings, db.make_session_factory(engine)).start()
     try:
         http = service.port("http")
         assert ready(http)[0] == 200, ready(http)
-        rename_database(own_pg_database, f"{own_pg_database}_away")
+        rename_database(own_database, f"{own_database}_away")
         wait_for(lambda: ready(http)[0] == 503, "/readyz to say 503")
         _status, body = ready(http)
         assert body["ready"] is False
         assert len(body["reasons"]) == 1
         assert body["reasons"][0].startswith("database unreachable: OperationalError: ")
-        assert own_pg_database in body["reasons"][0]  # PostgreSQL names the missing database
+        assert own_database in body["reasons"][0]  # PostgreSQL names the missing database
         assert value(http, "mailintake_database_up") == 0
         assert get(http, "/healthz")[0] == 200  # alive all the same
 
-        rename_database(f"{own_pg_database}_away", own_pg_database)
+        rename_database(f"{own_database}_away", own_database)
         wait_for(lambda: ready(http)[0] == 200, "/readyz to say 200 again")
         assert value(http, "mailintake_database_up") == 1
     finally:

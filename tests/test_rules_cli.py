@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cli import app
 from tests.conftest import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,16 +18,8 @@ SOURCES = {
 
 
 @pytest.fixture
-def cli(db_url, monkeypatch):
-    monkeypatch.setenv("MAILINTAKE_DATABASE__URL", db_url)
-    monkeypatch.setenv("MAILINTAKE_RULES__PATH", str(ROOT / "rules.yaml"))
-    monkeypatch.setenv("MAILINTAKE_TEMPLATES__PATH", str(ROOT / "templates.yaml"))
-    runner = CliRunner()
-
-    def run(*args: str):
-        return runner.invoke(app, ["--config", str(ROOT / "config.yaml"), *args])
-
-    return run
+def cli(shipped_cli):
+    return shipped_cli
 
 
 def test_check_summarises_the_shipped_rules(cli):

@@ -7,10 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from bench.triage_corpus import generate, load_history
-from cli import app
 from config import Settings
 from storage import db
 from tests.mails import simple_mail
@@ -21,16 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def cli(db_url, monkeypatch):
-    monkeypatch.setenv("MAILINTAKE_DATABASE__URL", db_url)
-    monkeypatch.setenv("MAILINTAKE_RULES__PATH", str(ROOT / "rules.yaml"))
-    monkeypatch.setenv("MAILINTAKE_TEMPLATES__PATH", str(ROOT / "templates.yaml"))
-    runner = CliRunner()
-
-    def run(*args: str):
-        return runner.invoke(app, ["--config", str(ROOT / "config.yaml"), *args])
-
-    return run
+def cli(shipped_cli):
+    return shipped_cli
 
 
 def test_nothing_to_learn_from_is_exit_1_and_a_bad_since_exit_2(cli):
