@@ -1,0 +1,211 @@
+"""mailintake's own DKIM, SPF, DMARC and ARC verdicts (config `verify`), for a setup where no
+MTA in front writes Authentication-Results: mailintake as the MX, IMAP, files.
+
+It runs in the parse stage (worker processes, never the listener's event loop) and writes one
+`Authentication-Results: <authserv_id>; spf=...; dkim=...; arc=...; dmarc=...` on top of the
+parsed headers, removing every header with our authserv-id that came with the mail
+(`ingest.authres.with_own_results`); rules and template bindings then read it like an MTA's.
+The raw bytes stay as received.
+
+The checks are `authheaders`' (dkimpy for DKIM and ARC, its DMARC with the public suffix list),
+SPF is pyspf's. All three take their DNS from one injectable `Resolver`, so tests run offline:
+dkimpy and authheaders take a `dnsfunc`, and pyspf's `query.dns` is overridden (`_SpfQuery`),
+since pyspf otherwise calls its module-wide resolver. Every lookup is bounded by
+`verify.dns_timeout_seconds`; a failed lookup makes that method `temperror`, and no error of a
+check leaves this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import dns.exception
+import dns.resolver
+import spf
+from authheaders import check_arc, check_dkim, check_dmarc
+from authres import (
+    AuthenticationResultsHeader,
+    DKIMAuthenticationResult,
+    SPFAuthenticationResult,
+)
+from authres.arc import ARCAuthenticationResult
+from authres.dmarc import DMARCAuthenticationResult
+
+from config import Settings
+from ingest.authres import HEADER, with_own_results
+from ingest.mail import Envelope, IncomingMail, ParsedMail
+from storage.states import Source
+
+log = logging.getLogger(__name__)
+
+# (name, qtype) -> the answers as text: a TXT record's strings joined, an address, "10 mx.host.",
+# a PTR name; [] when the name or the type does not exist. Raises DnsTemporary otherwise.
+Resolver = Callable[[str, str], list[str]]
+# Only a direct SMTP client is the sending host; an LMTP client is the MTA that handed it on.
+SPF_SOURCES = (Source.SMTP,)
+
+
+class DnsTemporary(dns.exception.DNSException):
+    """A lookup that timed out or found no working server: the checks say `temperror`.
+    A DNSException, which authheaders' DKIM check maps to `temperror` by itself."""
+
+
+def system_resolver(timeout: float) -> Resolver:
+    """The host's resolver (/etc/resolv.conf, read now, not at import), each lookup bounded by
+    `timeout` seconds in all."""
+    resolver = dns.resolver.Resolver()
+    resolver.lifetime = timeout
+
+    def lookup(name: str, qtype: str) -> list[str]:
+        try:
+            answer = resolver.resolve(name, qtype, search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException as error:
+            raise DnsTemporary(f"{qtype} {name}: {error}") from None
+        if qtype == "TXT":
+            return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+        return [r.to_text() for r in answer]
+
+    return lookup
+
+
+def verify(mail: IncomingMail, settings: Settings, dns: Resolver) -> None:
+    """Put our own verdicts on top of `mail.parsed.headers` (see the module's docstring)."""
+    ours = settings.authserv_id
+    assert mail.parsed is not None and ours, "verify after parse, with an authserv_id"
+    value = results_header(mail.raw, mail.parsed, mail.envelope, ours, dns, settings.verify.arc)
+    mail.parsed.headers = with_own_results(mail.parsed.headers, value, ours)
+
+
+def results_header(
+    raw: bytes,
+    parsed: ParsedMail,
+    envelope: Envelope,
+    authserv_id: str,
+    dns: Resolver,
+    arc: bool = True,
+) -> str:
+    """The value of our Authentication-Results header for a message (without the name)."""
+    spf_result = check_spf(envelope, dns)
+    signed = any(name.lower() == "dkim-signature" for name, _ in parsed.headers)
+    dkim_result = _dkim(raw, dns) if signed else DKIMAuthenticationResult(result="none")
+    results: list[Any] = [spf_result, dkim_result]
+    if arc:
+        results.append(_arc(raw, dns))
+    from_domain = (parsed.from_email or "").rpartition("@")[2].lower()
+    results.append(_dmarc(raw, from_domain, spf_result, dkim_result, dns))
+    text = str(AuthenticationResultsHeader(authserv_id=authserv_id, results=results))
+    return text.partition(":")[2].strip() if text.lower().startswith(HEADER) else text
+
+
+def check_spf(envelope: Envelope, dns: Resolver) -> Any:
+    """SPF for the client address, HELO and MAIL FROM of a direct SMTP client; `none` for mail
+    without one (LMTP, IMAP, files: no sending host is known)."""
+    helo = envelope.extra.get("helo") or None
+    mail_from = envelope.mail_from or None
+    if envelope.source not in SPF_SOURCES or not envelope.peer:
+        return SPFAuthenticationResult(result="none", smtp_mailfrom=mail_from, smtp_helo=helo)
+    try:
+        result, _code, reason = _SpfQuery(dns, envelope.peer, mail_from or "", helo or "").check()
+    except Exception as error:  # pyspf raises on odd input; a verdict, never a failed stage
+        result, reason = "temperror", str(error)
+    return SPFAuthenticationResult(
+        result=result, reason=reason, smtp_mailfrom=mail_from, smtp_helo=helo
+    )
+
+
+class _SpfQuery(spf.query):  # type: ignore[misc]
+    """pyspf's query with its lookups from our resolver. dnspython already follows CNAMEs,
+    so only the cache and the void-lookup limit (RFC 7208 4.6.4) of pyspf's `dns` remain."""
+
+    def __init__(self, dns: Resolver, ip: str, mail_from: str, helo: str) -> None:
+        super().__init__(ip, mail_from, helo)
+        self.resolve = dns
+
+    def dns(self, name: str, qtype: str, cnames: Any = None, ignore_void: bool = False) -> Any:
+        name = str(name).rstrip(".").lower()
+        key = (name, qtype)
+        if key not in self.cache:
+            try:
+                answers = self.resolve(name, qtype)
+            except DnsTemporary as error:
+                raise spf.TempError(f"DNS {error}") from None
+            self.cache[key] = [_spf_answer(qtype, a) for a in answers]
+        result = self.cache[key]
+        if not result and not ignore_void:
+            self.void_lookups += 1
+            if self.void_lookups > spf.MAX_VOID_LOOKUPS:
+                raise spf.PermError("Void lookup limit exceeded")
+        return result
+
+
+def _spf_answer(qtype: str, text: str) -> Any:
+    """An answer in the shape pyspf's own lookups give it."""
+    if qtype in ("TXT", "SPF"):
+        return [text.encode()]
+    if qtype == "MX":
+        preference, _, exchange = text.partition(" ")
+        return (int(preference), exchange.rstrip("."))
+    return text.rstrip(".")
+
+
+def _dkim(raw: bytes, dns: Resolver) -> Any:
+    """The first DKIM signature's verdict; DMARC aligns with it."""
+    try:
+        return check_dkim(raw, dnsfunc=_dkim_txt(dns))
+    except Exception as error:  # authheaders' own handling can fail on odd input
+        return DKIMAuthenticationResult(result="temperror", result_comment=_comment(error))
+
+
+def _arc(raw: bytes, dns: Resolver) -> Any:
+    try:
+        return check_arc(raw, dnsfunc=_dkim_txt(dns))
+    except Exception as error:
+        return ARCAuthenticationResult(result="temperror", result_comment=_comment(error))
+
+
+def _dmarc(raw: bytes, from_domain: str, spf_result: Any, dkim_result: Any, dns: Resolver) -> Any:
+    if not from_domain:
+        return DMARCAuthenticationResult(result="none", result_comment="no From domain")
+    try:
+        return check_dmarc(raw, spf_result, dkim_result, dnsfunc=_dmarc_txt(dns))
+    except Exception as error:
+        return DMARCAuthenticationResult(
+            result="temperror", result_comment=_comment(error), header_from=from_domain
+        )
+
+
+def _dkim_txt(dns: Resolver) -> Callable[..., bytes | None]:
+    """dkimpy's `dnsfunc(name, timeout=)`: the first TXT record as bytes; our resolver bounds
+    the time."""
+
+    def txt(name: bytes | str, timeout: float = 0) -> bytes | None:
+        text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        answers = dns(text.rstrip("."), "TXT")
+        return answers[0].encode() if answers else None
+
+    return txt
+
+
+def _dmarc_txt(dns: Resolver) -> Callable[[str], str | None]:
+    """authheaders' DMARC `dnsfunc(name)`: the one `v=DMARC1` TXT record as text; none when
+    there are several (RFC 7489 6.6.3). It also asks it of the From domain itself, whether the
+    domain exists (for `np=`): any TXT record answers that."""
+
+    def txt(name: str) -> str | None:
+        answers = dns(name.rstrip("."), "TXT")
+        dmarc = [a for a in answers if a.startswith("v=DMARC1")]
+        if name.startswith("_dmarc."):
+            return dmarc[0] if len(dmarc) == 1 else None
+        return answers[0] if answers else None
+
+    return txt
+
+
+def _comment(error: Exception) -> str:
+    """An error as an Authentication-Results comment: short, without parentheses."""
+    text = f"{type(error).__name__}: {error}"
+    return text.replace("(", "[").replace(")", "]").replace("\\", "/")[:200]
