@@ -7,16 +7,18 @@ parsed headers, removing every header with our authserv-id that came with the ma
 (`ingest.authres.with_own_results`); rules and template bindings then read it like an MTA's.
 The raw bytes stay as received.
 
-The checks are `authheaders`' (dkimpy for DKIM and ARC, its DMARC with the public suffix list),
-SPF is pyspf's. All three take their DNS from one injectable `Resolver`, so tests run offline:
-dkimpy and authheaders take a `dnsfunc`, and pyspf's `query.dns` is overridden (`_SpfQuery`),
-since pyspf otherwise calls its module-wide resolver. Every lookup is bounded by
+DKIM and ARC are `authheaders`' checks (on dkimpy), SPF is pyspf's, and DMARC is authheaders'
+policy lookup with the alignment computed here (see `_dmarc`). All take their DNS from one
+injectable `Resolver`, so tests run offline: dkimpy and authheaders take a `dnsfunc`, and
+pyspf's `query.dns` is overridden (`_SpfQuery`), since pyspf otherwise calls its module-wide
+resolver. Every lookup is bounded by
 `verify.dns_timeout_seconds`; a failed lookup makes that method `temperror`, and no error of a
 check leaves this module.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +26,8 @@ from typing import Any
 import dns.exception
 import dns.resolver
 import spf
-from authheaders import check_arc, check_dkim, check_dmarc
+from authheaders import check_arc, check_dkim
+from authheaders.dmarc_lookup import get_org_domain, receiver_record
 from authres import (
     AuthenticationResultsHeader,
     DKIMAuthenticationResult,
@@ -55,10 +58,16 @@ class DnsTemporary(dns.exception.DNSException):
 def system_resolver(timeout: float) -> Resolver:
     """The host's resolver (/etc/resolv.conf, read now, not at import), each lookup bounded by
     `timeout` seconds in all."""
-    resolver = dns.resolver.Resolver()
-    resolver.lifetime = timeout
+    resolver: dns.resolver.Resolver | None = None
+    try:
+        resolver = dns.resolver.Resolver()
+        resolver.lifetime = timeout
+    except dns.exception.DNSException as error:  # no /etc/resolv.conf: every lookup fails
+        log.error("verify: no DNS resolver configured (%s); verdicts will be temperror", error)
 
     def lookup(name: str, qtype: str) -> list[str]:
+        if resolver is None:
+            raise DnsTemporary("no DNS resolver configured")
         try:
             answer = resolver.resolve(name, qtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
@@ -95,8 +104,10 @@ def results_header(
     results: list[Any] = [spf_result, dkim_result]
     if arc:
         results.append(_arc(raw, dns))
-    from_domain = (parsed.from_email or "").rpartition("@")[2].lower()
-    results.append(_dmarc(raw, from_domain, spf_result, dkim_result, dns))
+    from_domain = (parsed.from_email or "").rpartition("@")[2].strip(".").lower()
+    spf_passed = spf_result.result == "pass"
+    spf_domain = (envelope.mail_from or "").rpartition("@")[2] or envelope.extra.get("helo")
+    results.append(_dmarc(from_domain, spf_domain if spf_passed else None, dkim_result, dns))
     text = str(AuthenticationResultsHeader(authserv_id=authserv_id, results=results))
     return text.partition(":")[2].strip() if text.lower().startswith(HEADER) else text
 
@@ -167,15 +178,52 @@ def _arc(raw: bytes, dns: Resolver) -> Any:
         return ARCAuthenticationResult(result="temperror", result_comment=_comment(error))
 
 
-def _dmarc(raw: bytes, from_domain: str, spf_result: Any, dkim_result: Any, dns: Resolver) -> Any:
+def _dmarc(from_domain: str, spf_domain: str | None, dkim_result: Any, dns: Resolver) -> Any:
+    """DMARC (RFC 7489): the policy found by authheaders' `receiver_record` (the From domain,
+    else its organizational domain), and a pass when SPF or DKIM passed for a domain aligned
+    with From. Alignment is computed here: authheaders' own (`check_dmarc`) reads a domain only
+    up to its first hyphen (`wine-importer.example.jp` as `wine`)."""
     if not from_domain:
         return DMARCAuthenticationResult(result="none", result_comment="no From domain")
     try:
-        return check_dmarc(raw, spf_result, dkim_result, dnsfunc=_dmarc_txt(dns))
-    except Exception as error:
-        return DMARCAuthenticationResult(
-            result="temperror", result_comment=_comment(error), header_from=from_domain
-        )
+        record, _org = receiver_record(from_domain, dnsfunc=_dmarc_txt(dns))
+    except DnsTemporary as error:
+        return _dmarc_result("temperror", from_domain, comment=_comment(error))
+    except Exception as error:  # a malformed record
+        return _dmarc_result("permerror", from_domain, comment=_comment(error))
+    if not record or not record.get("p"):
+        return _dmarc_result("none", from_domain)
+    dkim_domain = dkim_result.header_d if dkim_result.result == "pass" else None
+    passed = _aligned(from_domain, spf_domain, record.get("aspf", "r")) or _aligned(
+        from_domain, dkim_domain, record.get("adkim", "r")
+    )
+    return _dmarc_result("pass" if passed else "fail", from_domain, policy=record["p"])
+
+
+def _dmarc_result(
+    result: str, from_domain: str, policy: str | None = None, comment: str | None = None
+) -> Any:
+    return DMARCAuthenticationResult(
+        result=result, result_comment=comment, header_from=from_domain, policy=policy
+    )
+
+
+def _aligned(from_domain: str, domain: str | None, mode: str) -> bool:
+    """Whether an authenticated `domain` is aligned with From: the same name (`s`), or the same
+    organizational domain (`r`, relaxed, the default)."""
+    if not domain:
+        return False
+    domain = domain.strip(".").lower()
+    if mode == "s" or domain == from_domain:
+        return domain == from_domain
+    return _org_domain(domain) == _org_domain(from_domain)
+
+
+@functools.lru_cache(maxsize=1024)
+def _org_domain(domain: str) -> str:
+    """The organizational domain by the public suffix list authheaders ships (which it reads
+    again on every call, hence the cache)."""
+    return str(get_org_domain(domain))
 
 
 def _dkim_txt(dns: Resolver) -> Callable[..., bytes | None]:
