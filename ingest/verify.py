@@ -19,6 +19,7 @@ check leaves this module.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ import dns.exception
 import dns.resolver
 import spf
 from authheaders import check_arc, check_dkim
-from authheaders.dmarc_lookup import get_org_domain, receiver_record
+from authheaders.dmarc_lookup import lookup_receiver_record
 from authres import (
     AuthenticationResultsHeader,
     DKIMAuthenticationResult,
@@ -35,6 +36,7 @@ from authres import (
 )
 from authres.arc import ARCAuthenticationResult
 from authres.dmarc import DMARCAuthenticationResult
+from publicsuffix2 import PublicSuffixList
 
 from config import Settings
 from ingest.authres import HEADER, with_own_results
@@ -179,14 +181,15 @@ def _arc(raw: bytes, dns: Resolver) -> Any:
 
 
 def _dmarc(from_domain: str, spf_domain: str | None, dkim_result: Any, dns: Resolver) -> Any:
-    """DMARC (RFC 7489): the policy found by authheaders' `receiver_record` (the From domain,
-    else its organizational domain), and a pass when SPF or DKIM passed for a domain aligned
-    with From. Alignment is computed here: authheaders' own (`check_dmarc`) reads a domain only
-    up to its first hyphen (`wine-importer.example.jp` as `wine`)."""
+    """DMARC (RFC 7489): the policy record of the From domain, else of its organizational
+    domain (read by authheaders), and a pass when SPF or DKIM passed for a domain aligned with
+    From. Discovery and alignment are done here: authheaders' own (`check_dmarc`) reads a
+    domain only up to its first hyphen (`wine-importer.example.jp` as `wine`), and reads the
+    public suffix list anew for each organizational domain (60 ms)."""
     if not from_domain:
         return DMARCAuthenticationResult(result="none", result_comment="no From domain")
     try:
-        record, _org = receiver_record(from_domain, dnsfunc=_dmarc_txt(dns))
+        record = _policy_record(from_domain, _dmarc_txt(dns))
     except DnsTemporary as error:
         return _dmarc_result("temperror", from_domain, comment=_comment(error))
     except Exception as error:  # a malformed record
@@ -219,11 +222,25 @@ def _aligned(from_domain: str, domain: str | None, mode: str) -> bool:
     return _org_domain(domain) == _org_domain(from_domain)
 
 
-@functools.lru_cache(maxsize=1024)
+def _policy_record(from_domain: str, txt: Callable[[str], str | None]) -> dict[str, str]:
+    record: dict[str, str] = lookup_receiver_record(from_domain, txt)
+    org = _org_domain(from_domain)
+    if not record and org != from_domain:
+        record = lookup_receiver_record(org, txt)
+    return record
+
+
 def _org_domain(domain: str) -> str:
-    """The organizational domain by the public suffix list authheaders ships (which it reads
-    again on every call, hence the cache)."""
-    return str(get_org_domain(domain))
+    """The organizational domain, by the public suffix list authheaders ships."""
+    return str(_suffix_list().get_public_suffix(domain))
+
+
+@functools.cache
+def _suffix_list() -> PublicSuffixList:
+    """Read once per process, on first use."""
+    path = importlib.resources.files("authheaders") / "public_suffix_list.txt"
+    with path.open(encoding="utf-8") as lines:
+        return PublicSuffixList(lines)
 
 
 def _dkim_txt(dns: Resolver) -> Callable[..., bytes | None]:

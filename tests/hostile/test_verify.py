@@ -198,6 +198,38 @@ def test_a_domain_without_dmarc_gets_none(key):
     assert results(simple_mail(sender="a@example.org"), FILE, dns)["dmarc"] == {"none"}
 
 
+@pytest.mark.parametrize(
+    ("dmarc_record", "verdict"), [("p=reject", "pass"), ("p=reject; adkim=s", "fail")]
+)
+def test_a_subdomain_takes_the_organizational_record_and_its_alignment_mode(
+    key, dmarc_record, verdict
+):
+    pem, record = key
+    # wine-importer.example.jp is itself below the organizational domain example.jp
+    dns, asked = fake_dns({**zone(record), "_dmarc.example.jp": f"v=DMARC1; {dmarc_record}"})
+    raw = signed(simple_mail(sender=f"shop@news.{OWN}"), pem, OWN)
+    assert results(raw, FILE, dns)["dmarc"] == {verdict}
+    assert asked[-2:] == [f"TXT _dmarc.news.{OWN}", "TXT _dmarc.example.jp"]
+
+
+def test_an_arc_chain_passes_and_a_change_after_it_fails(key):
+    pem, record = key
+    dns, _ = fake_dns({"s1._domainkey.lists.example.org": record})
+    relayed = b"Authentication-Results: lists.example.org; spf=pass\r\n" + simple_mail()
+    seal = dkim.arc_sign(
+        relayed,
+        b"s1",
+        b"lists.example.org",
+        pem,
+        b"lists.example.org",
+        include_headers=[b"from", b"subject", b"to"],
+    )
+    sealed = b"".join(seal) + relayed
+    assert results(sealed, FILE, dns)["arc"] == {"pass"}
+    assert results(sealed.replace(b"Subject: =?", b"Subject: X=?"), FILE, dns)["arc"] == {"fail"}
+    assert results(simple_mail(), FILE, dns)["arc"] == {"none"}
+
+
 def test_a_failing_dns_gives_temperror_and_no_exception(key):
     def broken(name: str, qtype: str) -> list[str]:
         raise DnsTemporary(f"{qtype} {name}: timed out")
