@@ -35,6 +35,7 @@ from authres import (
     SPFAuthenticationResult,
 )
 from authres.arc import ARCAuthenticationResult
+from authres.core import QuotableValue
 from authres.dmarc import DMARCAuthenticationResult
 from publicsuffix2 import PublicSuffixList
 
@@ -110,6 +111,8 @@ def results_header(
     spf_passed = spf_result.result == "pass"
     spf_domain = (envelope.mail_from or "").rpartition("@")[2] or envelope.extra.get("helo")
     results.append(_dmarc(from_domain, spf_domain if spf_passed else None, dkim_result, dns))
+    for result in results:
+        _defuse(result)
     text = str(AuthenticationResultsHeader(authserv_id=authserv_id, results=results))
     return text.partition(":")[2].strip() if text.lower().startswith(HEADER) else text
 
@@ -270,7 +273,30 @@ def _dmarc_txt(dns: Resolver) -> Callable[[str], str | None]:
     return txt
 
 
+def _defuse(result: Any) -> None:
+    """Keep the sender's words from writing results of their own into our header: a MAIL FROM,
+    HELO, signature tag or SPF explanation (`exp=`, the sender's DNS) holding `;dkim=pass`
+    would otherwise read as another clause. Properties that are not one plain token are left
+    out; comments and reasons keep only harmless characters."""
+    result.properties = [p for p in result.properties if _plain(str(p.value or ""))]
+    for name in ("result_comment", "reason_comment"):
+        if getattr(result, name, None):
+            setattr(result, name, _words(str(getattr(result, name))))
+    if result.reason:  # authres leaves a value with an `@` unquoted
+        result.reason = QuotableValue(_words(str(result.reason)))
+
+
+def _plain(value: str) -> bool:
+    return bool(value) and all(32 < ord(c) < 127 and c not in UNSAFE for c in value)
+
+
+UNSAFE = frozenset(';()"\\')
+
+
+def _words(text: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 and c not in UNSAFE else " " for c in text)[:200]
+
+
 def _comment(error: Exception) -> str:
-    """An error as an Authentication-Results comment: short, without parentheses."""
-    text = f"{type(error).__name__}: {error}"
-    return text.replace("(", "[").replace(")", "]").replace("\\", "/")[:200]
+    """An error as an Authentication-Results comment."""
+    return _words(f"{type(error).__name__}: {error}")

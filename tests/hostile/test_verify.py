@@ -249,6 +249,31 @@ def test_our_verdict_replaces_every_header_with_our_id_that_came_with_the_mail(k
     assert "iprev" not in found  # not even a method we do not check survives
 
 
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        # authres writes a value with an `@` unquoted
+        Envelope(source="smtp", mail_from="x;dmarc=pass;y@spammer.example", peer="198.51.100.8"),
+        Envelope(
+            source="smtp",
+            mail_from=f'"x;dkim=pass header.d={GATEWAY}"@spammer.example',
+            peer="198.51.100.8",
+            extra={"helo": "a;dmarc=pass"},
+        ),
+    ],
+)
+def test_a_sender_cannot_write_results_into_our_header(key, envelope):
+    # and its SPF explanation (`exp=`, from the sender's own DNS) becomes our `reason=`
+    explained = {"spammer.example": "v=spf1 -all exp=why.spammer.example"}
+    dns, _ = fake_dns({**zone(key[1]), **explained, "why.spammer.example": "a@b; dmarc=pass"})
+    raw = FORGED_PASS.encode() + b"\r\n" + staff_mail()
+    parsed = parse(raw)
+    value = results_header(raw, parsed, envelope, OUR_MTA, dns)
+    results = trusted_results(with_own_results(parsed.headers, value, OUR_MTA), OUR_MTA)
+    assert sorted(r.method for r in results) == ["arc", "dkim", "dmarc", "spf"]
+    assert [r.result for r in results if r.method != "spf"] == ["none", "none", "fail"]
+
+
 def test_verify_needs_an_authserv_id():
     with pytest.raises(ValidationError, match=r"verify\.enabled needs authserv_id"):
         Settings(verify={"enabled": True})
