@@ -260,15 +260,11 @@ def _dkim_txt(dns: Resolver) -> Callable[..., bytes | None]:
 
 def _dmarc_txt(dns: Resolver) -> Callable[[str], str | None]:
     """authheaders' DMARC `dnsfunc(name)`: the one `v=DMARC1` TXT record as text; none when
-    there are several (RFC 7489 6.6.3). It also asks it of the From domain itself, whether the
-    domain exists (for `np=`): any TXT record answers that."""
+    there are several (RFC 7489 6.6.3)."""
 
     def txt(name: str) -> str | None:
-        answers = dns(name.rstrip("."), "TXT")
-        dmarc = [a for a in answers if a.startswith("v=DMARC1")]
-        if name.startswith("_dmarc."):
-            return dmarc[0] if len(dmarc) == 1 else None
-        return answers[0] if answers else None
+        dmarc = [a for a in dns(name.rstrip("."), "TXT") if a.startswith("v=DMARC1")]
+        return dmarc[0] if len(dmarc) == 1 else None
 
     return txt
 
