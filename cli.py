@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from sources.files import MessageSource
     from storage import repo
     from storage.models import InboundMessage, Ticket
+    from triage.evaluate import Report
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -101,6 +102,7 @@ attachments_app = group("List a ticket's attachments (a FAX's PDF) and save them
 rules_app = group("Check, try out and compare routing rules.")
 templates_app = group("Try source templates on mails, and draft new ones from samples.")
 web_app = group("Manage the web pages' accounts (`web.accounts`).")
+triage_app = group("Train and evaluate the triage assistant (suggested category and assignee).")
 app.add_typer(tickets_app, name="tickets")
 app.add_typer(messages_app, name="messages")
 app.add_typer(db_app, name="db")
@@ -109,6 +111,7 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(templates_app, name="templates")
 app.add_typer(attachments_app, name="attachments")
 app.add_typer(web_app, name="web")
+app.add_typer(triage_app, name="triage")
 
 log = logging.getLogger("mailintake")
 out = Console()
@@ -645,7 +648,9 @@ def tickets_list(
                 f"--status {status}: no ticket has it (have: {', '.join(known)})", EXIT_USAGE
             )
         tickets = [ticket_view(t) for t in repo.list_tickets(session, limit, status)]
-    columns = ["key", "created_at", "source_kind", "category", "assignee", "priority", "subject"]
+    columns = ["key", "created_at", "source_kind", "category", "assignee", "priority", "summary"]
+    if not json_output:  # tickets made before the summary existed show their subject
+        tickets = [{**t, "summary": t["summary"] or t["subject"]} for t in tickets]
     print_rows("tickets", columns, tickets, json_output)
 
 
@@ -667,7 +672,7 @@ def tickets_show(
 ) -> None:
     """Show one ticket with its body, comments and attachments."""
     from storage import repo
-    from views.records import attachment_view, ticket_view
+    from views.records import attachment_view, suggestion_view, ticket_view
 
     with runtime(ctx) as rt, rt.sessions() as session:
         ticket = ticket_or_exit(session, key)
@@ -680,6 +685,7 @@ def tickets_show(
             "attachments": [
                 attachment_view(a) for a in repo.attachments_of_ticket(session, ticket.id)
             ],
+            "suggestion": suggestion_view(repo.suggestion_of(session, ticket.id)),
         }
     if json_output:
         print_json(view)
@@ -1171,7 +1177,18 @@ def print_explained(result: dict[str, Any]) -> None:
     decision = {k: v for k, v in result["decision"].items() if v not in (None, [], {}, False)}
     version = decision.pop("rules_version", "")[:12]
     shown = ", ".join(f"{k}: {v}" for k, v in decision.items())
-    say(f"  → {shown} (rules {version})\n", markup=False)
+    say(f"  → {shown} (rules {version})", markup=False)
+    suggested = result.get("suggestion")
+    if suggested:
+        reason = ", ".join(f"`{r}`" for r in suggested["reason"])
+        say(
+            f"  suggestion (triage model v{suggested['model_version']}): category "
+            f"{suggested['category']} ({suggested['category_probability']:.2f}), assignee "
+            f"{suggested['assignee']} ({suggested['assignee_probability']:.2f}); because of "
+            f"{reason}",
+            markup=False,
+        )
+    say("")
 
 
 @rules_app.command("test")
@@ -1399,6 +1416,127 @@ def templates_suggest(
     if not draft["fields"]:
         err.print(f"[red]error:[/red] the {len(mails)} mails share no labelled line")
         raise typer.Exit(EXIT_FAILED)
+
+
+TrainedSinceOption = Annotated[
+    str, typer.Option(help="Learn from tickets made within 180d, 12w, or since an ISO date.")
+]
+
+
+def since_or_exit(ctx: typer.Context, since: str) -> datetime:
+    from pipeline.replay import parse_since
+
+    try:
+        return parse_since(since, settings_of(ctx).zone)
+    except ValueError as exc:
+        raise fail(f"--since: {exc}", EXIT_USAGE) from exc
+
+
+@triage_app.command("train")
+def triage_train(
+    ctx: typer.Context, since: TrainedSinceOption = "180d", json_output: JsonOption = False
+) -> None:
+    """Fit the triage model on the tickets' categories and assignees, and store it.
+
+    It learns the tickets' current category and assignee (as people corrected them) and is
+    stored as the next version: every node suggests with it from its next message.
+
+    Exits 1 when there is too little to learn from (fewer than two categories)."""
+    from triage.model import TrainingError
+    from triage.store import train
+
+    start = since_or_exit(ctx, since)
+    with runtime(ctx) as rt, rt.sessions.begin() as session:
+        try:
+            trained = train(session, start)
+        except TrainingError as exc:
+            raise fail(f"nothing stored: {exc}", EXIT_FAILED) from exc
+    if json_output:
+        print_json(trained.__dict__)
+        return
+    out.print(
+        f"triage model v{trained.version}: {trained.trained_on} tickets, "
+        f"{len(trained.categories)} categories, {len(trained.assignees)} assignees, "
+        f"{trained.size // 1024} KiB, trained in {trained.seconds:.1f} s",
+        highlight=False,
+    )
+
+
+@triage_app.command("eval")
+def triage_eval(
+    ctx: typer.Context,
+    since: TrainedSinceOption = "180d",
+    holdout: Annotated[
+        float, typer.Option(min=0.05, max=0.5, help="The newest share of tickets to test on.")
+    ] = 0.2,
+    rules_file: RulesFileOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Measure the model on the newest tickets, beside the rules and the most common class.
+
+    Fits on the older tickets and tests on the newer ones, next to the rules alone (the held-out
+    mails' raw bytes routed again, writing nothing) and to always guessing the most common
+    class. Stores nothing."""
+    from pipeline.dryrun import rules_alone
+    from storage import repo
+    from triage.evaluate import evaluate
+
+    start = since_or_exit(ctx, since)
+    rules_path = rules_file or settings_of(ctx).rules.path
+    rules = load_rules_or_exit(ctx, rules_path, EXIT_USAGE) if rules_path else None
+    with runtime(ctx) as rt:
+        with rt.sessions() as session:
+            tickets = repo.labelled_tickets(session, start)
+        decide = rules_alone(rt.settings, rt.sessions, rules) if rules else None
+        tested = len(tickets) - round(len(tickets) * (1 - holdout))
+        with progress_bar("rules alone") as bar:
+            task = bar.add_task("replay", total=tested if decide else 0)
+            try:
+                report = evaluate(
+                    tickets,
+                    (lambda t: decide(t.inbound_message_id)) if decide else None,
+                    holdout,
+                    lambda: bar.advance(task),
+                )
+            except ValueError as exc:
+                raise fail(str(exc), EXIT_FAILED) from exc
+    if json_output:
+        print_json(report.to_dict())
+        return
+    print_triage_report(report)
+
+
+def print_triage_report(report: Report) -> None:
+    from rich.table import Table
+
+    out.print(
+        f"trained on the older {report.trained_on} tickets, tested on the newer "
+        f"{report.tested_on}; training {report.train_seconds:.2f} s "
+        f"({report.train_cpu_seconds:.2f} s CPU), {report.predict_ms_per_message:.2f} ms per "
+        f"message ({report.predict_cpu_ms_per_message:.2f} ms CPU)",
+        highlight=False,
+    )
+    for target, found in report.targets.items():
+        table = Table(title=f"{target}: accuracy / macro F1")
+        for column in ("", "model", "rules alone", "most common"):
+            table.add_column(column)
+        baselines = [found.model, found.rules, found.most_common]
+        table.add_row(
+            "all", *(f"{s.accuracy:.3f} / {s.macro_f1:.3f}" if s else "-" for s in baselines)
+        )
+        for label in found.labels:
+            table.add_row(
+                f"{label} (F1, n={found.model.per_class[label]['support']})",
+                *(f"{s.per_class[label]['f1']:.3f}" if s else "-" for s in baselines),
+            )
+        out.print(table)
+        confusion = Table(title=f"{target}: rows the truth, columns the model's guess")
+        confusion.add_column("")
+        for label in found.labels:
+            confusion.add_column(label, justify="right")
+        for label, row in zip(found.labels, found.confusion, strict=True):
+            confusion.add_row(label, *(str(n) for n in row))
+        out.print(confusion)
 
 
 @db_app.command("upgrade")

@@ -321,6 +321,9 @@ class ImapSettings(Section):
     backoff_initial_seconds: float = Field(default=2, gt=0)
     backoff_max_seconds: float = Field(default=300, gt=0)
     stalled_after_seconds: float = Field(default=900, gt=0)
+    # Several nodes: one fetches a folder at a time (a lease renewed every third of this); when
+    # it dies another takes over this many seconds after its last renewal.
+    failover_after: float = Field(default=30, gt=0)
 
     @model_validator(mode="after")
     def _unique_names(self) -> ImapSettings:

@@ -81,6 +81,19 @@ class Decision:
     assign: Callable[[Session], str] | None = None
 
 
+@dataclass(frozen=True)
+class Suggestion:
+    """What the triage model (triage/) proposes for a new ticket; the rules decide, and take it
+    only where a rule asks (`suggested`, `from_suggestion`)."""
+
+    category: str
+    category_probability: float
+    assignee: str | None
+    assignee_probability: float
+    model_version: int
+    reason: tuple[str, ...]  # the three features that weighed most for the category
+
+
 @dataclass
 class Requester:
     """Who the inquiry is from: the caller, the FAX's sender, the form's writer; for a plain
@@ -116,6 +129,7 @@ class IncomingMail:
     auto_reply: str | None = None  # why it is an auto-reply/bounce/loop, if it is one
     duplicate_of: Earlier | None = None
     follow_up_ticket_id: int | None = None  # the ticket this mail answers
+    suggestion: Suggestion | None = None  # set by the `suggest` stage when a model exists
     decision: Decision | None = None
     fate: Fate | None = None  # decided once, by the pipeline's `decide` stage (or `dedupe`)
     drop_reason: str | None = None  # why, when the fate is `dropped`

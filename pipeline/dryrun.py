@@ -6,6 +6,7 @@ round-robin cursor is only read and the session is rolled back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,7 +21,7 @@ from pipeline.stages import DRY_RUN_STAGES, examine
 from rules.engine import CompiledRules, Evaluation, RulesRouter
 from storage import repo
 from storage.models import InboundMessage
-from storage.states import Fate
+from storage.states import Fate, Stage
 
 COMPARED = ("outcome", "category", "assignee", "priority")
 
@@ -29,21 +30,45 @@ class DryRouter:
     """Routes mails with one set of rules and returns the explained evaluation."""
 
     def __init__(
-        self, settings: Settings, sessions: sessionmaker[Session], rules: CompiledRules
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        rules: CompiledRules,
+        *,
+        suggest: bool = True,
     ) -> None:
         self._evaluations: list[Evaluation] = []
         router = RulesRouter(lambda: rules, dry_run=True, on_evaluation=self._evaluations.append)
         self.pipeline = PipelineContext(settings, sessions, router)
+        # Without `suggest`, the rules alone: no triage model is asked (`triage eval`).
+        self.stages = tuple(s for s in DRY_RUN_STAGES if suggest or s[0] is not Stage.SUGGEST)
 
     def route(self, mail: IncomingMail) -> Evaluation:
         """Run every stage up to the decision (`mail.decision`); nothing is written."""
         examine(mail, self.pipeline)
         with self.pipeline.sessions() as session:
-            for stage, run in DRY_RUN_STAGES:
+            for stage, run in self.stages:
                 mail.stage = stage
                 run(mail, self.pipeline, session)
             session.rollback()
         return self._evaluations.pop()
+
+
+def rules_alone(
+    settings: Settings, sessions: sessionmaker[Session], rules: CompiledRules
+) -> Callable[[int], tuple[str | None, str | None]]:
+    """What the rules alone (no triage suggestion) decide for a stored message, by ledger id:
+    (category, assignee); the baseline `triage eval` compares the model with."""
+    router = DryRouter(settings, sessions, rules, suggest=False)
+
+    def decide(inbound_id: int) -> tuple[str | None, str | None]:
+        with sessions() as session:
+            mail = incoming_mail(session.get_one(InboundMessage, inbound_id))
+        router.route(mail)
+        decision = mail.decision
+        return (decision.category, decision.assignee) if decision else (None, None)
+
+    return decide
 
 
 def outcome(mail: IncomingMail) -> dict[str, Any]:

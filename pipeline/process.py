@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
+from typing import TypeGuard
 
 from sqlalchemy.exc import IntegrityError
 
 from ingest.mail import Envelope, IncomingMail
 from pipeline.attempts import error_line, record_attempt
 from pipeline.context import PipelineContext
-from pipeline.leases import INTERRUPTED_LIMIT, lease_owner, take_lease
+from pipeline.leases import INTERRUPTED_LIMIT, claim_next, lease_owner, take_lease
 from pipeline.retry import retry_at
 from pipeline.stages import DECIDING_STAGES, NotOurs, examine
 from storage import repo
@@ -36,7 +37,7 @@ def load_and_lease(
     process holds it. With the mail comes how many attempts in a row died unfinished."""
     with ctx.sessions.begin() as session:
         row = session.get(InboundMessage, inbound_id)
-        if row is None or row.status not in PROCESSABLE or row.fail_stage == Stage.FETCH:
+        if not processable(row):
             return None
         mail = incoming_mail(row)
         interruptions = take_lease(session, inbound_id, owner)
@@ -44,6 +45,12 @@ def load_and_lease(
             return None
     mail.lease_owner = owner
     return mail, interruptions
+
+
+def processable(row: InboundMessage | None) -> TypeGuard[InboundMessage]:
+    """A row to process: waiting or failed, with bytes (a never-fetched IMAP row has none: the
+    message is still in its mailbox, and the reason stays)."""
+    return row is not None and row.status in PROCESSABLE and row.fail_stage != Stage.FETCH
 
 
 def incoming_mail(row: InboundMessage) -> IncomingMail:
@@ -65,6 +72,29 @@ def process(ctx: PipelineContext, inbound_id: int) -> Fate | None:
     if leased is None:
         return None
     mail, interruptions = leased
+    return _run(ctx, mail, interruptions)
+
+
+def process_next(ctx: PipelineContext) -> tuple[int, Fate | None] | None:
+    """Claim the oldest waiting message no living process holds (any node's: `claim_next`)
+    and process it; (its ledger id, its fate), or None when nothing is left to claim."""
+    owner = lease_owner()
+    claimed = claim_next(ctx.sessions, owner)
+    if claimed is None:
+        return None
+    inbound_id, interruptions = claimed
+    with ctx.sessions() as session:
+        row = session.get(InboundMessage, inbound_id)
+        if not processable(row):
+            return inbound_id, None
+        mail = incoming_mail(row)
+    mail.lease_owner = owner
+    return inbound_id, _run(ctx, mail, interruptions)
+
+
+def _run(ctx: PipelineContext, mail: IncomingMail, interruptions: int) -> Fate | None:
+    """The stages, for a message whose lease this thread took."""
+    inbound_id = mail.inbound_id
     if interruptions >= INTERRUPTED_LIMIT:
         error = (
             f"processing was interrupted {interruptions} times without finishing "

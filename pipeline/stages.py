@@ -4,8 +4,9 @@
 `EXAMINE_STAGES` need no database and run before any transaction (parse, detect, extract);
 `rules test` and `parse` run them too. `DECIDING_STAGES` run in one transaction, committed
 together or not at all: claim the row, recognise a re-delivery, find the ticket a reply
-answers, route, make the one decision "ticket, comment, duplicate or drop", pick the assignee
-(only for a certain new ticket, so nothing else moves a round-robin cursor), store.
+answers, ask the triage model (when one is stored), route, make the one decision "ticket,
+comment, duplicate or drop", pick the assignee (only for a certain new ticket, so nothing else
+moves a round-robin cursor), store.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.context import PipelineContext, with_ticket_defaults
 from pipeline.store import store
 from storage import repo
 from storage.states import Fate, Stage
+from triage.store import suggest
 
 ExamineStage = Callable[[IncomingMail, PipelineContext], None]
 DecidingStage = Callable[[IncomingMail, PipelineContext, Session], None]
@@ -72,6 +74,13 @@ def dedupe_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> 
 def follow_up_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
     if mail.fate is None:
         mail.follow_up_ticket_id = find_follow_up(mail, session, ctx.settings.tickets.key_prefix)
+
+
+def suggest_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
+    """When a triage model is stored, what it suggests for a new ticket (docs/triage.md). The
+    rules decide; they take the suggestion only where a rule asks for it."""
+    if mail.fate is None and mail.follow_up_ticket_id is None:
+        mail.suggestion = suggest(mail, session)
 
 
 def route_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
@@ -128,6 +137,7 @@ DECIDING_STAGES: tuple[tuple[Stage, DecidingStage], ...] = (
     (Stage.CLAIM, claim_stage),
     (Stage.DEDUPE, dedupe_stage),
     (Stage.FOLLOW_UP, follow_up_stage),
+    (Stage.SUGGEST, suggest_stage),
     (Stage.ROUTE, route_stage),
     (Stage.DECIDE, decide_stage),
     (Stage.ASSIGN, assign_stage),
@@ -138,7 +148,7 @@ DECIDING_STAGES: tuple[tuple[Stage, DecidingStage], ...] = (
 DRY_RUN_STAGES = tuple(
     (stage, run)
     for stage, run in DECIDING_STAGES
-    if stage in (Stage.FOLLOW_UP, Stage.ROUTE, Stage.DECIDE, Stage.ASSIGN)
+    if stage in (Stage.FOLLOW_UP, Stage.SUGGEST, Stage.ROUTE, Stage.DECIDE, Stage.ASSIGN)
 )
 STAGES: tuple[Stage, ...] = tuple(stage for stage, _ in (*EXAMINE_STAGES, *DECIDING_STAGES))
 

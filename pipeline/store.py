@@ -9,8 +9,9 @@ from sqlalchemy.orm import Session
 
 from ingest.mail import IncomingMail, ParsedMail
 from storage import repo
-from storage.models import Attachment, Ticket, TicketComment
+from storage.models import Attachment, Ticket, TicketComment, TicketSuggestion
 from storage.states import Fate
+from triage.summary import summarize
 
 
 def store(session: Session, mail: IncomingMail, key_prefix: str) -> None:
@@ -41,6 +42,8 @@ def store(session: Session, mail: IncomingMail, key_prefix: str) -> None:
         rule_hits=decision.rule_hits if decision else [],
         rule_misses=decision.rule_misses if decision else [],
     )
+    if fate in (Fate.TICKET, Fate.COMMENT) and ticket_id is not None:
+        repo.notify_ticket(session, ticket_id)  # delivered to listeners on commit
 
 
 def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> Ticket:
@@ -68,11 +71,32 @@ def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> Ticket:
         rules_version=decision.rules_version,
         inbound_message_id=mail.inbound_id,
         origin_key=mail.dedupe_key,
+        summary=summarize(parsed.subject, parsed.text, mail.fields),
     )
     session.add(ticket)
     session.flush()
     ticket.key = f"{prefix}-{ticket.id}"
+    if mail.suggestion is not None:
+        _add_suggestion(session, mail, ticket.id)
     return ticket
+
+
+def _add_suggestion(session: Session, mail: IncomingMail, ticket_id: int) -> None:
+    """The triage model's suggestion, in its own table: the ticket's columns are the rules'."""
+    suggested = mail.suggestion
+    assert suggested is not None
+    repo.save_suggestion(
+        session,
+        TicketSuggestion(
+            ticket_id=ticket_id,
+            category=suggested.category,
+            category_probability=suggested.category_probability,
+            assignee=suggested.assignee,
+            assignee_probability=suggested.assignee_probability,
+            model_version=suggested.model_version,
+            reason=list(suggested.reason),
+        ),
+    )
 
 
 def _add_comment(session: Session, mail: IncomingMail, ticket_id: int) -> TicketComment:

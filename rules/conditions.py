@@ -15,7 +15,7 @@ from config import compile_regex
 from ingest.authres import trusted_results, verdicts
 from ingest.mail import IncomingMail
 from rules.calendar import Calendar
-from rules.schema import AttachmentTest, AuthTest, Condition, TextTest
+from rules.schema import AttachmentTest, AuthTest, Condition, SuggestedTest, TextTest
 
 
 def fold(text: str) -> str:
@@ -47,6 +47,7 @@ class Facts:
         self.authserv_id = authserv_id
         self._texts: dict[str, tuple[list[str], list[str]]] = {}
         self._auth: dict[str, set[str]] | None = None
+        self.decided_by: str | None = None  # the rule that decided, once one has (the engine's)
 
     def texts(self, selector: str) -> tuple[list[str], list[str]]:
         """The values under `selector` as written and normalised (see `fold`)."""
@@ -241,6 +242,57 @@ class BusinessHoursCheck:
         )
 
 
+class SuggestedCheck:
+    """The triage model's suggestion names the wanted category/assignee, likely enough."""
+
+    def __init__(self, test: SuggestedTest) -> None:
+        self.category = fold(test.category) if test.category else None
+        self.assignee = fold(test.assignee) if test.assignee else None
+        self.min_probability = test.min_probability
+        wanted = [f"category `{test.category}`"] if test.category else []
+        wanted += [f"assignee `{test.assignee}`"] if test.assignee else []
+        at_least = f" with probability >= {test.min_probability:g}" if test.min_probability else ""
+        self.summary = f"suggested {' and '.join(wanted) or 'anything'}{at_least}"
+
+    def failure(self, facts: Facts) -> Node | None:
+        found = facts.mail.suggestion
+        if found is None:
+            return self
+        checks: list[tuple[str | None, str | None, float]] = []
+        if self.category or not self.assignee:
+            checks.append((self.category, found.category, found.category_probability))
+        if self.assignee:
+            checks.append((self.assignee, found.assignee, found.assignee_probability))
+        for wanted, label, probability in checks:
+            if wanted is not None and fold(label or "") != wanted:
+                return self
+            if probability < self.min_probability:
+                return self
+        return None
+
+    def describe(self, facts: Facts) -> str:
+        found = facts.mail.suggestion
+        if found is None:
+            return f"no suggestion (no triage model stored); wanted: {self.summary}"
+        return (
+            f"suggested category `{found.category}` ({found.category_probability:.2f}), "
+            f"assignee `{found.assignee}` ({found.assignee_probability:.2f}); "
+            f"wanted: {self.summary}"
+        )
+
+
+class NoRuleMatched:
+    """No rule above has decided (matched without `continue: true`): a final fallback."""
+
+    summary = "no rule matched"
+
+    def failure(self, facts: Facts) -> Node | None:
+        return None if facts.decided_by is None else self
+
+    def describe(self, facts: Facts) -> str:
+        return f"rule `{facts.decided_by}` decided first; wanted: no rule matched"
+
+
 class Always:
     summary = "always"
 
@@ -333,4 +385,8 @@ def compile_condition(cond: Condition, calendar: Calendar) -> Node:
         parts.append(AuthCheck(cond.auth))
     if cond.business_hours is not None:
         parts.append(BusinessHoursCheck(calendar, cond.business_hours))
+    if cond.no_rule_matched:
+        parts.append(NoRuleMatched())
+    if cond.suggested:
+        parts.append(SuggestedCheck(cond.suggested))
     return parts[0] if len(parts) == 1 else AllOf(parts)

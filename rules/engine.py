@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from ingest.mail import Decision, IncomingMail
+from ingest.mail import Decision, IncomingMail, Suggestion
 from rules.assign import pick_assignee
 from rules.calendar import Calendar
 from rules.conditions import Facts, Node, compile_condition
@@ -85,11 +85,14 @@ class Plan:
     rule_hits: list[str] = field(default_factory=list)
     rule_misses: list[str] = field(default_factory=list)
 
-    def add(self, actions: Actions) -> None:
-        """Take what `actions` sets, unless an earlier (higher) rule already set it."""
+    def add(self, actions: Actions, suggestion: Suggestion | None = None) -> None:
+        """Take what `actions` sets, unless an earlier (higher) rule already set it; a rule's
+        `from_suggestion` takes the triage model's `suggestion` where the rule sets nothing."""
         for name in ("category", "assignee", "priority", "due_in"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(actions, name))
+        if isinstance(actions, Then) and suggestion is not None:
+            self.take(actions.from_suggestion, suggestion)
         self.labels.extend(label for label in actions.labels if label not in self.labels)
         for key, value in actions.fields.items():
             self.fields.setdefault(key, value)
@@ -97,6 +100,12 @@ class Plan:
             self.drop_reason = self.drop_reason or actions.drop
             if self.allow_auto_reply is None:
                 self.allow_auto_reply = actions.allow_auto_reply
+
+    def take(self, targets: Sequence[str], suggestion: Suggestion) -> None:
+        if "category" in targets and self.category is None:
+            self.category = suggestion.category
+        if "assignee" in targets and self.assignee is None and suggestion.assignee:
+            self.assignee = AssigneeRef.model_validate(suggestion.assignee)
 
 
 @dataclass
@@ -147,12 +156,12 @@ def _linear(rules: CompiledRules, facts: Facts, explain: bool) -> tuple[Plan, li
             reason = f"matched, but rule `{decided_by}` decided first"
             outcomes.append(RuleOutcome(rule.name, rule.line, "matched-not-applied", reason))
         else:
-            plan.add(rule.then)
+            plan.add(rule.then, facts.mail.suggestion)
             plan.rule_hits.append(rule.name)
             if explain:
                 outcomes.append(RuleOutcome(rule.name, rule.line, "applied"))
             if not rule.then.continue_:
-                decided_by = rule.name
+                decided_by = facts.decided_by = rule.name
     return plan, outcomes
 
 
@@ -165,10 +174,11 @@ def _indexed(rules: CompiledRules, facts: Facts) -> Plan:
     for position in rules.index.candidates(facts):
         rule = rules.rules[position]
         if rule.condition.failure(facts) is None:
-            plan.add(rule.then)
+            plan.add(rule.then, facts.mail.suggestion)
             plan.rule_hits.append(rule.name)
             applied.append(position)
             if not rule.then.continue_:
+                facts.decided_by = rule.name
                 tried = position + 1
                 break
     start = 0

@@ -156,6 +156,25 @@ class AuthTest(Strict):
         return self
 
 
+class SuggestedTest(Strict):
+    """`suggested: {category: complaint, min_probability: 0.8}`: the triage model's suggestion
+    (docs/triage.md) names this category (and/or assignee) with at least this probability;
+    `suggested: true` holds for any suggestion. Without a stored model it never holds."""
+
+    category: str | None = None
+    assignee: str | None = None
+    min_probability: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        if value is False:
+            raise ValueError("write `not: {suggested: true}` for mail without a suggestion")
+        return value
+
+
 class Condition(Strict):
     """One `when` mapping. Several keys in one mapping must all hold."""
 
@@ -175,6 +194,8 @@ class Condition(Strict):
     auto_reply: bool | None = None
     auth: AuthTest | None = None
     business_hours: bool | None = None
+    suggested: SuggestedTest | None = None
+    no_rule_matched: Literal[True] | None = None  # no rule above decided: a final fallback
 
     @model_validator(mode="before")
     @classmethod
@@ -240,8 +261,13 @@ class Actions(Strict):
         return value
 
 
+SuggestionTarget = Literal["category", "assignee"]
+
+
 class Then(Actions):
     drop: str | None = Field(default=None, min_length=1)
+    # Take these from the triage model's suggestion, unless this or an earlier rule sets them.
+    from_suggestion: list[SuggestionTarget] = Field(default_factory=list)
     continue_: bool = Field(default=False, alias="continue")
     allow_auto_reply: bool | None = None
 

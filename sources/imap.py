@@ -12,6 +12,10 @@ closes the connection; the fetcher reconnects after an exponential backoff with 
 one line per attempt, and reports itself stalled when it has not synced for a configured time.
 A message that makes the server end the connection whenever it is fetched is recorded as failed
 and left in the mailbox, so that it does not block the folder (see `_note_dropped`).
+
+With several nodes on one store, one fetches a folder at a time: it holds the folder's lease
+(`pipeline.leases.FolderLease`, renewed by a heartbeat), the others stand by and take over
+`imap.failover_after` after the holder stopped renewing it, resuming from the checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from config import ImapAccount, Settings
 from ingest.headers import first_message_id, message_id_as_written
 from ingest.intake import receive
 from ingest.mail import Envelope
+from pipeline.leases import FolderLease
 from pipeline.retry import backoff_delay
 from storage import repo
 from storage.states import Source
@@ -68,6 +73,10 @@ class ConnectionLost(Exception):
     """The server ended the connection (BYE, or end of stream) while we waited or fetched."""
 
 
+class LeaseLost(Exception):
+    """Another node holds this folder's lease (`imap_leases`): this one must not fetch it."""
+
+
 class DroppedInFetch(ConnectionLost):
     """The connection ended during a FETCH: maybe the network, maybe a message the server cannot
     deliver (Dovecot answers one whose file it cannot read with `BYE FETCH failed`)."""
@@ -75,7 +84,14 @@ class DroppedInFetch(ConnectionLost):
 
 # Failures of the network, the server, the credentials or the database: logged in one line.
 # Anything else is a bug and is logged with its traceback.
-EXPECTED_ERRORS = (CredentialError, ConnectionLost, IMAPClientError, OSError, SQLAlchemyError)
+EXPECTED_ERRORS = (
+    CredentialError,
+    ConnectionLost,
+    IMAPClientError,
+    OSError,
+    SQLAlchemyError,
+    LeaseLost,
+)
 
 ReceivedHook = Callable[[int], None]
 
@@ -289,6 +305,8 @@ class FolderFetcher:
         self._dropped: dict[int, list[str]] = {}
         self._announced = 0  # highest UID reported to hooks.found
         self.found = 0  # new messages seen by this fetcher, each counted once
+        # One node fetches a folder at a time; the others wait in `standby` (see run()).
+        self.lease = FolderLease(sessions, account.name, folder, self.imap.failover_after)
 
     @property
     def server(self) -> str:
@@ -303,7 +321,7 @@ class FolderFetcher:
     def stalled(self) -> bool:
         """Not synced for `imap.stalled_after_seconds` and not waiting on a live connection."""
         quiet = self.seconds_since_success >= self.imap.stalled_after_seconds
-        return self.state != "ok" and quiet
+        return self.state not in ("ok", "standby") and quiet
 
     def fetch_once(self) -> int:
         """Fetch what is in the folder now; returns how many new messages there were.
@@ -313,29 +331,69 @@ class FolderFetcher:
         instead of failing every run; each retry gets closer to that (see `_note_dropped`).
         """
         found_before = self.found
-        while True:
-            try:
-                with self._connection() as client:
-                    self._sync(client)
-                return self.found - found_before
-            except DroppedInFetch as exc:
-                log.warning("imap %s: %s; reconnecting", self.label, self.describe(exc))
+        if not self.lease.acquire():
+            raise LeaseLost("another node is fetching this folder (see imap_leases): not fetched")
+        done = threading.Event()
+        self._stop = self.lease.hold(done)
+        try:
+            while True:
+                try:
+                    with self._connection() as client:
+                        self._sync(client)
+                    return self.found - found_before
+                except DroppedInFetch as exc:
+                    log.warning("imap %s: %s; reconnecting", self.label, self.describe(exc))
+        finally:
+            done.set()
+            self.lease.release()
 
     def run(self, stop: threading.Event) -> None:
-        """Fetch, wait for news, fetch again, until `stop` is set; never raises."""
+        """Hold the folder's lease and fetch, wait for news, fetch again, until `stop` is set;
+        never raises. While another node holds the lease this one waits in `standby`, trying
+        again every third of `imap.failover_after`; it takes over once the holder stopped
+        renewing it for that long (or at once, when the holder died on this host)."""
         self._last_success = time.monotonic()
-        self._stop = stop
         mode = "IDLE" if self.imap.idle else f"poll every {self.imap.poll_interval_seconds:g} s"
         log.info("imap %s: fetcher started on %s, %s", self.label, self.server, mode)
-        failures = 0  # in a row: a sync starts the backoff over
         while not stop.is_set():
+            if not self._take_lease():
+                stop.wait(self.imap.failover_after / 3)
+                continue
+            tenure = self.lease.hold(stop)
+            try:
+                self._fetch_until(tenure)
+            finally:
+                if stop.is_set():
+                    self.lease.release()  # a clean stop hands the folder over at once
+
+    def _take_lease(self) -> bool:
+        """Become the folder's fetcher, logging each change between holder and standby."""
+        try:
+            taken = self.lease.acquire()
+        except SQLAlchemyError as exc:
+            self._report_failure(exc, self.imap.failover_after / 3)
+            return False
+        if taken:
+            log.info("imap %s: lease taken (%s); fetching", self.label, self.lease.owner)
+            self._last_success = time.monotonic()
+            self.state = "connecting"
+        elif self.state != "standby":
+            log.info("imap %s: another node fetches this folder; standing by", self.label)
+            self.state = "standby"
+        return taken
+
+    def _fetch_until(self, tenure: threading.Event) -> None:
+        """Fetch, wait for news, fetch again, until `tenure` ends (stop, or the lease lost)."""
+        self._stop = tenure
+        failures = 0  # in a row: a sync starts the backoff over
+        while not tenure.is_set():
             try:
                 with self._connection() as client:
-                    while not stop.is_set():
+                    while not tenure.is_set():
                         self._sync(client)
                         failures = 0
                         self._succeeded()
-                        self._wait_for_mail(client, stop)
+                        self._wait_for_mail(client, tenure)
             except Exception as exc:
                 failures += 1
                 delay = backoff_delay(
@@ -345,7 +403,7 @@ class FolderFetcher:
                     jitter=RECONNECT_JITTER,
                 )
                 self._report_failure(exc, delay)
-                stop.wait(delay)
+                tenure.wait(delay)
 
     # connection and folder state
 
@@ -443,6 +501,9 @@ class FolderFetcher:
         committed = self._commit_batch(client, uids)
         self._acknowledge(client, committed)
         with self.sessions.begin() as session:
+            if not repo.holds_imap_lease(session, self.account.name, self.folder, self.lease.owner):
+                self._stop.set()
+                raise LeaseLost(f"the lease of {self.label} passed to another node; stopping")
             repo.save_imap_checkpoint(
                 session, self.account.name, self.folder, self._uidvalidity, uids[-1]
             )
@@ -633,7 +694,7 @@ class FolderFetcher:
         """What went wrong, in words that name the server or the setting involved."""
         if isinstance(exc, LoginError):
             return f"login as {self.account.username} at {self.server} failed: {_server_text(exc)}"
-        if isinstance(exc, CredentialError):
+        if isinstance(exc, CredentialError | LeaseLost):
             return str(exc)
         if isinstance(exc, ssl.SSLCertVerificationError):
             trusted = f"ca_file {self.account.ca_file}" if self.account.ca_file else "system CAs"

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 PROCESSING_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 REPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-FETCHER_STATES = ("connecting", "ok", "failing")
+FETCHER_STATES = ("connecting", "ok", "failing", "standby")
 
 # --- processing time, observed by whoever processes -------------------------------------------
 
@@ -180,7 +180,8 @@ class ServiceCollector(Collector):
         yield from self._smtp(parts)
         state = GaugeMetricFamily(
             "mailintake_imap_fetcher_state",
-            "1 for the state each IMAP fetcher is in (connecting, ok, failing, stalled)",
+            "1 for the state each IMAP fetcher is in (connecting, ok, failing, standby: another "
+            "node fetches the folder)",
             labels=["account", "folder", "state"],
         )
         since = GaugeMetricFamily(

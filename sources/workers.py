@@ -10,7 +10,7 @@ message, however costly or hostile, holds the listener's GIL, and every core wor
   or reads configuration at import time.
 - **Woken** through a pipe from the parent: one byte after each commit (`wake()`); workers also
   rescan every `processing.rescan_seconds`, which picks up due retries and rows other
-  processes left.
+  processes (or other nodes) left.
 - **Reloaded** the same way: the parent watches the rules and templates files (and takes
   SIGHUP), validates the new version itself and, if it loads, tells every worker to reload. A
   worker whose reload is refused keeps its last good version; a worker (re)started while a file
@@ -21,8 +21,11 @@ message, however costly or hostile, holds the listener's GIL, and every core wor
   `received` and the next start takes over its lease (pipeline/leases.py). A parent that dies
   closes the pipe too, so workers never outlive it by more than a message.
 - **Restarted** by the parent when one dies (a line names it), unless the service is stopping.
-  Processing leases make several processes safe on one database; each worker prefers the rows
-  of its share (`id % workers`) and helps with the others' from the far end.
+- **Claiming.** A worker takes the oldest waiting row that no living process holds
+  (`process_next`, pipeline/leases.py `claim_next`): any worker's, any node's. On PostgreSQL
+  the candidates are read `FOR UPDATE SKIP LOCKED`, so workers and nodes on one store never
+  pick the same row; a node that died leaves rows that the others take at their next pass
+  (this host: at once; another host: when the lease runs out).
 """
 
 from __future__ import annotations
@@ -44,18 +47,17 @@ from pathlib import Path
 
 from config import ConfigError, Settings
 from pipeline.context import PipelineContext
-from pipeline.process import process
+from pipeline.process import process_next
 from pipeline.replay import retry_due
 from rules.engine import RulesRouter
 from rules.load import RulesError, load_rules
 from rules.reload import RulesHolder, TemplatesHolder
 from sources import logs
 from sources.metrics import observe_processing, processing_histogram, write_to_directory
-from storage import db, repo
+from storage import db
 
 log = logging.getLogger(__name__)
 
-WORKER_BATCH = 100
 RETRY_BATCH = 10  # automatic retries per pass, between which a stop request is honoured
 WAKE = b"w"
 RELOAD = b"r"
@@ -64,32 +66,18 @@ RESTART_BACKOFF_MAX = 30.0  # a worker that keeps dying at start is restarted at
 QUICK_DEATH_SECONDS = 5.0
 
 
-def drain(pipeline: PipelineContext, stop: threading.Event, share: tuple[int, int]) -> None:
-    """Process pending rows until none is left (or all are in other hands), then due retries.
-
-    `share` is (index, count): this worker's rows (id % count == index) come first, the others'
-    after, from the far end, so two workers meet instead of racing for the same rows.
-    """
-    index, count = share
+def drain(pipeline: PipelineContext, stop: threading.Event) -> None:
+    """Process waiting messages until none is left that no living process holds, then due
+    retries. Each is claimed first (`process_next`): any node's row, one process at a time."""
     while not stop.is_set():
-        with pipeline.sessions() as session:
-            ids = repo.pending_ids(session, WORKER_BATCH)
-        if not ids:
-            while not stop.is_set() and retry_due(pipeline, limit=RETRY_BATCH).outcomes:
-                pass
-            return
-        mine = [i for i in ids if i % count == index]
-        others = [i for i in reversed(ids) if i % count != index]
-        progressed = False
-        for inbound_id in mine + others:
-            if stop.is_set():
-                return
-            started = time.monotonic()
-            if process(pipeline, inbound_id) is not None:
-                progressed = True
-                observe_processing(time.monotonic() - started)
-        if not progressed:
-            return  # every pending row is leased by a live process; wait for the next wake
+        started = time.monotonic()
+        done = process_next(pipeline)
+        if done is None:
+            break
+        if done[1] is not None:
+            observe_processing(time.monotonic() - started)
+    while not stop.is_set() and retry_due(pipeline, limit=RETRY_BATCH).outcomes:
+        pass
 
 
 def run_loop(
@@ -97,7 +85,6 @@ def run_loop(
     wake: threading.Event,
     stop: threading.Event,
     rescan_seconds: float,
-    share: tuple[int, int] = (0, 1),
 ) -> None:
     """The processing loop, in a thread or a worker process: wait for a wake (or the rescan
     time), drain, repeat until `stop`; an error pauses processing until the next pass."""
@@ -105,7 +92,7 @@ def run_loop(
         wake.wait(rescan_seconds)
         wake.clear()
         try:
-            drain(pipeline, stop, share)
+            drain(pipeline, stop)
         except Exception:
             log.exception("processing paused, retrying in %.0f s", rescan_seconds)
 
@@ -159,11 +146,9 @@ class ProcessingWorker:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker process is given (pickled by spawn): its name, share and settings."""
+    """What a worker process is given (pickled by spawn): its name and settings."""
 
     name: str
-    index: int
-    count: int
     settings: Settings
     rescan_seconds: float
     log_level: int
@@ -214,7 +199,7 @@ def worker_main(spec: WorkerSpec, control: Connection) -> None:
         log.info("%s started (pid %d)", spec.name, os.getpid())
         log.info("%s: %s in force", spec.name, running)
         wake.set()  # first pass: rows left over from an earlier run
-        run_loop(pipeline, wake, stop, spec.rescan_seconds, (spec.index, spec.count))
+        run_loop(pipeline, wake, stop, spec.rescan_seconds)
         log.info("%s stopped", spec.name)
     finally:
         engine.dispose()
@@ -320,8 +305,6 @@ class WorkerPool:
             Slot(
                 WorkerSpec(
                     name=f"worker-{i + 1}",
-                    index=i,
-                    count=count,
                     settings=settings,
                     rescan_seconds=settings.processing.rescan_seconds,
                     log_level=logging.getLogger().getEffectiveLevel(),

@@ -11,6 +11,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -198,6 +199,7 @@ class Ticket(Base):
         unique=True,
     )
     origin_key: Mapped[str] = mapped_column(String(998), unique=True)
+    summary: Mapped[str | None] = mapped_column(ClippedString(80))  # one line for lists (0007)
 
     comments: Mapped[list[TicketComment]] = relationship(
         back_populates="ticket", order_by="TicketComment.id"
@@ -261,6 +263,19 @@ class ImapCheckpoint(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class ImapLease(Base):
+    """Which node fetches an IMAP account's folder: one at a time, renewed by heartbeats; a
+    lease that runs out (its holder stopped renewing) is taken over by another node."""
+
+    __tablename__ = "imap_leases"
+
+    account: Mapped[str] = mapped_column(String(128), primary_key=True)
+    folder: Mapped[str] = mapped_column(String(255), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(255))  # `host:pid:thread:boot.start`
+    until: Mapped[datetime | None]
+    taken_at: Mapped[datetime | None]  # when the current (or last) holder took it
+
+
 class AssignmentCursor(Base):
     """Round-robin position per team, shared by every process using the database."""
 
@@ -287,3 +302,34 @@ class ProcessingAttempt(Base):
     pid: Mapped[int] = mapped_column(Integer)
     username: Mapped[str | None] = mapped_column(ClippedString(64))
     command: Mapped[str] = mapped_column(ClippedString(255))
+
+
+class TriageModel(Base):
+    """A trained triage model (triage/): every node loads the newest, by `version`. `model` is
+    a pickle, loaded only when its sha256 matches: only models the store itself trained."""
+
+    __tablename__ = "triage_models"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trained_at: Mapped[datetime] = mapped_column(default=utcnow)
+    trained_on: Mapped[int] = mapped_column(Integer)  # how many tickets
+    since: Mapped[datetime | None]  # the oldest ticket it could learn from
+    sha256: Mapped[str] = mapped_column(String(64))
+    model: Mapped[bytes] = mapped_column(LargeBinary)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)  # classes, library versions
+
+
+class TicketSuggestion(Base):
+    """What the triage model suggested for a ticket when it was made; the rules decided the
+    ticket's own columns."""
+
+    __tablename__ = "ticket_suggestions"
+
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), primary_key=True)
+    category: Mapped[str] = mapped_column(String(64))
+    category_probability: Mapped[float] = mapped_column(Float)
+    assignee: Mapped[str | None] = mapped_column(String(64))
+    assignee_probability: Mapped[float] = mapped_column(Float)
+    model_version: Mapped[int] = mapped_column(ForeignKey("triage_models.version"))
+    reason: Mapped[list[str]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

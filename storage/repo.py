@@ -29,11 +29,14 @@ from storage.models import (
     Attachment,
     AttachmentBlob,
     ImapCheckpoint,
+    ImapLease,
     InboundMessage,
     InboundRaw,
     ProcessingAttempt,
     Ticket,
     TicketComment,
+    TicketSuggestion,
+    TriageModel,
     utcnow,
 )
 from storage.states import FINAL, PROCESSABLE, SETTLED, WITH_RECORD, Fate, Stage
@@ -757,3 +760,196 @@ def fates_per_hour(session: Session, since: datetime) -> list[tuple[datetime, st
         moment = bucket if isinstance(bucket, datetime) else datetime.fromisoformat(bucket)
         rows.append((moment.replace(tzinfo=UTC), status, count))
     return rows
+
+
+# --- triage (triage/): training tickets, stored models, suggestions ------------------------------
+
+
+@dataclass(frozen=True)
+class LabelledTicket:
+    """What the triage model learns from: a ticket's text and its current labels."""
+
+    id: int
+    created_at: datetime
+    subject: str
+    body: str
+    source_kind: str
+    fields: dict[str, Any]
+    category: str
+    assignee: str | None
+    inbound_message_id: int
+
+
+def labelled_tickets(session: Session, since: datetime | None = None) -> list[LabelledTicket]:
+    """Tickets with a category, oldest first (time order is what the hold-out splits on)."""
+    query = (
+        select(
+            Ticket.id,
+            Ticket.created_at,
+            Ticket.subject,
+            Ticket.body,
+            Ticket.source_kind,
+            Ticket.fields,
+            Ticket.category,
+            Ticket.assignee,
+            Ticket.inbound_message_id,
+        )
+        .where(Ticket.category.is_not(None))
+        .order_by(Ticket.created_at, Ticket.id)
+    )
+    if since is not None:
+        query = query.where(Ticket.created_at >= since)
+    return [LabelledTicket(*row) for row in session.execute(query).all()]
+
+
+def raw_of(session: Session, inbound_id: int) -> bytes:
+    return session.scalars(
+        select(InboundRaw.raw).where(InboundRaw.inbound_message_id == inbound_id)
+    ).one()
+
+
+def add_triage_model(session: Session, model: TriageModel) -> int:
+    """Store a trained model as the next version; returns the version."""
+    newest = session.scalar(select(func.max(TriageModel.version))) or 0
+    model.version = newest + 1
+    session.add(model)
+    session.flush()
+    return model.version
+
+
+def newest_triage_model(session: Session) -> tuple[int, str] | None:
+    """(version, sha256) of the newest model, without its bytes: asked once per message."""
+    row = session.execute(
+        select(TriageModel.version, TriageModel.sha256)
+        .order_by(TriageModel.version.desc())
+        .limit(1)
+    ).first()
+    return (row.version, row.sha256) if row else None
+
+
+def triage_model_bytes(session: Session, version: int) -> bytes:
+    return session.scalars(select(TriageModel.model).where(TriageModel.version == version)).one()
+
+
+def save_suggestion(session: Session, suggestion: TicketSuggestion) -> None:
+    session.add(suggestion)
+
+
+def suggestion_of(session: Session, ticket_id: int) -> TicketSuggestion | None:
+    return session.get(TicketSuggestion, ticket_id)
+
+
+# --- several nodes on one store: claiming rows, IMAP folder leases, ticket notifications -----
+
+TICKETS_CHANNEL = "mailintake_tickets"
+
+
+def lease_candidates(
+    session: Session, now: datetime, limit: int, held_on: str | None = None
+) -> list[tuple[int, Lease]]:
+    """Messages waiting (`received`), oldest first, whose lease is free or has run out; with
+    `held_on` (a `host:` prefix) instead those whose current lease a process of that host holds
+    (it may have died). On PostgreSQL the rows are locked `FOR UPDATE SKIP LOCKED` until the
+    caller commits, so concurrent callers get disjoint rows (SQLite has no row locks; the
+    compare-and-set of `take_lease` settles a race there)."""
+    ledger = InboundMessage
+    if held_on is None:
+        which = or_(ledger.lease_owner.is_(None), ledger.lease_until <= now)
+    else:
+        which = ledger.lease_owner.startswith(held_on, autoescape=True) & (ledger.lease_until > now)
+    query = (
+        select(ledger.id, ledger.status, ledger.lease_owner, ledger.lease_until)
+        .where(ledger.status == Fate.RECEIVED, which)
+        .order_by(ledger.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = session.execute(query).all()
+    return [(row.id, Lease(row.status, row.lease_owner, row.lease_until)) for row in rows]
+
+
+def imap_lease_of(session: Session, account: str, folder: str) -> Lease | None:
+    """An IMAP folder's lease (its `status` is unused: ''), or None before its first holder."""
+    row = session.get(ImapLease, (account, folder))
+    return Lease("", row.owner, row.until) if row else None
+
+
+def take_imap_lease(
+    session: Session,
+    account: str,
+    folder: str,
+    seen: Lease | None,
+    owner: str,
+    now: datetime,
+    until: datetime,
+) -> bool:
+    """Take an IMAP folder's lease if it is still as `seen` (compare-and-set); False if lost."""
+    values = {"owner": owner, "until": until, "taken_at": now}
+    if seen is None:
+        statement = (
+            _dialect_insert(session)(ImapLease)
+            .values(account=account, folder=folder, **values)
+            .on_conflict_do_nothing(index_elements=["account", "folder"])
+            .returning(ImapLease.owner)
+        )
+        return session.execute(statement).first() is not None
+    if seen.owner == owner:
+        values.pop("taken_at")  # still ours: the same tenure goes on
+    return (
+        _rows_updated(
+            session,
+            update(ImapLease)
+            .where(
+                ImapLease.account == account,
+                ImapLease.folder == folder,
+                ImapLease.owner.is_not_distinct_from(seen.owner),
+                ImapLease.until.is_not_distinct_from(seen.until),
+            )
+            .values(**values),
+        )
+        == 1
+    )
+
+
+def renew_imap_lease(
+    session: Session, account: str, folder: str, owner: str, until: datetime
+) -> bool:
+    """Extend `owner`'s lease of a folder to `until`; False if it is not `owner`'s any more."""
+    statement = (
+        update(ImapLease)
+        .where(ImapLease.account == account, ImapLease.folder == folder, ImapLease.owner == owner)
+        .values(until=until)
+    )
+    return _rows_updated(session, statement) == 1
+
+
+def release_imap_lease(session: Session, account: str, folder: str, owner: str) -> None:
+    session.execute(
+        update(ImapLease)
+        .where(ImapLease.account == account, ImapLease.folder == folder, ImapLease.owner == owner)
+        .values(owner=None, until=None)
+    )
+
+
+def holds_imap_lease(session: Session, account: str, folder: str, owner: str) -> bool:
+    """Whether `owner` holds the folder's lease, locking the lease row (PostgreSQL) until the
+    caller commits: a checkpoint is saved only by the holder (a node that lost the lease while
+    it fetched must not move the checkpoint under the new holder)."""
+    query = (
+        select(ImapLease.owner)
+        .where(ImapLease.account == account, ImapLease.folder == folder)
+        .with_for_update()
+    )
+    return session.scalar(query) == owner
+
+
+def notify_ticket(session: Session, ticket_id: int) -> None:
+    """`NOTIFY mailintake_tickets, '<ticket key>'` (PostgreSQL; nothing on SQLite), in the
+    caller's transaction: listeners hear of a new ticket or comment when it is committed, and
+    never of one rolled back."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    session.flush()
+    session.execute(
+        select(func.pg_notify(TICKETS_CHANNEL, Ticket.key)).where(Ticket.id == ticket_id)
+    )

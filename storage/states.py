@@ -49,6 +49,7 @@ class Stage(enum.StrEnum):
     CLAIM = "claim"
     DEDUPE = "dedupe"
     FOLLOW_UP = "follow_up"
+    SUGGEST = "suggest"
     ROUTE = "route"
     DECIDE = "decide"
     ASSIGN = "assign"

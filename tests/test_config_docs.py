@@ -22,12 +22,7 @@ from config import Settings, load_settings
 ROOT = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\| `([^`]+)` \| `([^`]*)` \| (?:`([A-Z0-9_]+)`|—) \|", re.MULTILINE)
 # Keys the shipped config.yaml sets to the example site's value rather than the default.
-SHIPPED_CHOICES = {
-    "tickets.default_assignee",
-    "detect.own_senders",
-    "rules.path",
-    "authserv_id",
-}
+SHIPPED_CHOICES = {"tickets.default_assignee", "detect.own_senders", "rules.path", "authserv_id"}
 
 
 def default_of(field: FieldInfo) -> str:

@@ -19,7 +19,6 @@ from config import Settings
 from ingest.intake import receive
 from pipeline.process import PipelineContext, process
 from rules.engine import RulesRouter
-from rules.load import load_rules
 from storage import repo
 from storage.models import (
     Attachment,
@@ -31,6 +30,7 @@ from storage.models import (
 )
 from storage.states import Fate
 from tests.mails import add_unfetched_row, simple_mail
+from tests.rulesets import OUR_MTA, shipped_rules
 from tests.test_failed import FILE, fail_one
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,9 @@ def cli(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.delenv("MAILINTAKE_DATABASE__URL", raising=False)
     config = tmp_path / "config.yaml"
     rules = ROOT / "rules.yaml"
-    config.write_text(f"database: {{url: {db_url}}}\nrules: {{path: {rules}}}\n", "utf-8")
+    config.write_text(
+        f"authserv_id: {OUR_MTA}\ndatabase: {{url: {db_url}}}\nrules: {{path: {rules}}}\n", "utf-8"
+    )
 
     def run(*args: str, code: int = 0) -> Any:
         result = CliRunner().invoke(app, ["--config", str(config), *args])
@@ -74,7 +76,7 @@ class Store:
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
-        self.rules = load_rules(ROOT / "rules.yaml", settings.zone)
+        self.rules = shipped_rules()
         ctx = PipelineContext(settings, sessions, RulesRouter(lambda: self.rules))
         old_mail = simple_mail("old", attachments=[("a.pdf", "application/pdf", PDF_ALONE)])
         shared = [("s.pdf", "application/pdf", PDF_SHARED)]

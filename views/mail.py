@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ def explained(path: Path, mail: IncomingMail, evaluation: Evaluation) -> dict[st
         "drop_reason": mail.drop_reason,
         "rules": evaluation.to_dict()["rules"],
         "decision": decision_view(decision),
+        "suggestion": asdict(mail.suggestion) if mail.suggestion else None,
     }
 
 

@@ -11,7 +11,13 @@ from sqlalchemy.orm import Session
 
 from ingest.headers import decoded_headers, first_header
 from storage import repo
-from storage.models import Attachment, InboundMessage, ProcessingAttempt, Ticket
+from storage.models import (
+    Attachment,
+    InboundMessage,
+    ProcessingAttempt,
+    Ticket,
+    TicketSuggestion,
+)
 
 
 def ticket_view(ticket: Ticket) -> dict[str, Any]:
@@ -21,6 +27,7 @@ def ticket_view(ticket: Ticket) -> dict[str, Any]:
         "source_kind": ticket.source_kind,
         "category": ticket.category,
         "subject": ticket.subject,
+        "summary": ticket.summary,
         "requester_name": ticket.requester_name,
         "requester_email": ticket.requester_email,
         "requester_phone": ticket.requester_phone,
@@ -34,6 +41,20 @@ def ticket_view(ticket: Ticket) -> dict[str, Any]:
         "rule_names": ticket.rule_names,
         "rules_version": ticket.rules_version,
         "inbound_message_id": ticket.inbound_message_id,
+    }
+
+
+def suggestion_view(suggestion: TicketSuggestion | None) -> dict[str, Any] | None:
+    """What the triage model suggested when the ticket was made (docs/triage.md)."""
+    if suggestion is None:
+        return None
+    return {
+        "category": suggestion.category,
+        "category_probability": suggestion.category_probability,
+        "assignee": suggestion.assignee,
+        "assignee_probability": suggestion.assignee_probability,
+        "model_version": suggestion.model_version,
+        "reason": suggestion.reason,
     }
 
 

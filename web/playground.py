@@ -41,7 +41,7 @@ def compile_text(site: Site, text: str) -> tuple[CompiledRules | None, list[str]
         path = Path(folder) / "rules.yaml"
         path.write_text(text, encoding="utf-8")
         try:
-            return load_rules(path, site.settings.zone), []
+            return load_rules(path, site.settings.zone, site.settings.authserv_id), []
         except RulesError as exc:
             return None, [str(p).replace(f"{folder}/", "") for p in exc.problems]
 

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print figures (bench/README.md); tests import `triage_corpus`."""
