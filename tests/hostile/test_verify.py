@@ -19,12 +19,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from ingest.authres import trusted_results, verdicts, with_own_results
+from ingest.authres import trusted_results, verdicts
 from ingest.extract import HINT, load_templates
-from ingest.intake import receive
+from ingest.intake import receive, unstored_mail
 from ingest.mail import Envelope
 from ingest.parse import parse
-from ingest.verify import DnsTemporary, Resolver, results_header
+from ingest.verify import DnsTemporary, Resolver, verify
 from pipeline.process import PipelineContext, process
 from rules.engine import RulesRouter
 from storage.models import InboundMessage, Ticket
@@ -32,6 +32,7 @@ from storage.states import Fate
 from tests.conftest import DATA
 from tests.mails import simple_mail
 from tests.rulesets import OUR_MTA, shipped_rules
+from tests.rulesets import TUESDAY_10_JST as TUESDAY
 
 ROOT = Path(__file__).resolve().parents[2]
 OWN = "wine-importer.example.jp"
@@ -107,14 +108,18 @@ def signed(raw: bytes, pem: bytes, domain: str) -> bytes:
     return signature + raw
 
 
+VERIFYING = Settings(authserv_id=OUR_MTA, verify={"enabled": True})
+
+
 def results(
     raw: bytes, envelope: Envelope, dns: Resolver, headers: tuple[str, ...] = ()
 ) -> dict[str, set[str]]:
     """The verdicts as rules read them, after our own verification wrote its header."""
     raw = "".join(f"{h}\r\n" for h in headers).encode() + raw
-    parsed = parse(raw)
-    value = results_header(raw, parsed, envelope, OUR_MTA, dns)
-    return verdicts(trusted_results(with_own_results(parsed.headers, value, OUR_MTA), OUR_MTA))
+    mail = unstored_mail(raw, envelope, TUESDAY)
+    mail.parsed = parse(raw)
+    verify(mail, VERIFYING, dns)
+    return verdicts(trusted_results(mail.parsed.headers, OUR_MTA))
 
 
 FILE = Envelope(source="file")
@@ -253,10 +258,10 @@ def test_a_sender_cannot_write_results_into_our_header(key, envelope):
     # and its SPF explanation (`exp=`, from the sender's own DNS) becomes our `reason=`
     explained = {"spammer.example": "v=spf1 -all exp=why.spammer.example"}
     dns, _ = fake_dns({**zone(key[1]), **explained, "why.spammer.example": "a@b; dmarc=pass"})
-    raw = FORGED_PASS.encode() + b"\r\n" + staff_mail()
-    parsed = parse(raw)
-    value = results_header(raw, parsed, envelope, OUR_MTA, dns)
-    results = trusted_results(with_own_results(parsed.headers, value, OUR_MTA), OUR_MTA)
+    mail = unstored_mail(FORGED_PASS.encode() + b"\r\n" + staff_mail(), envelope, TUESDAY)
+    mail.parsed = parse(mail.raw)
+    verify(mail, VERIFYING, dns)
+    results = trusted_results(mail.parsed.headers, OUR_MTA)
     assert sorted(r.method for r in results) == ["arc", "dkim", "dmarc", "spf"]
     assert [r.result for r in results if r.method != "spf"] == ["none", "none", "fail"]
 
