@@ -375,6 +375,23 @@ class LogSettings(Section):
     format: Literal["human", "json"] = "human"
 
 
+class VerifySettings(Section):
+    """mailintake's own DKIM, SPF, DMARC and ARC checks, for a setup with no MTA in front that
+    writes Authentication-Results (ingest/verify.py, docs/deploy.md)."""
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Verify each mail in the parse stage and write the verdicts under `authserv_id`, "
+            "replacing any header with that id the mail came with. Needs `authserv_id`."
+        ),
+    )
+    dns_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=60, description="The longest one DNS lookup may take in all."
+    )
+    arc: bool = Field(default=True, description="Also check an ARC chain (`arc=` in the header).")
+
+
 class Settings(BaseSettings):
     """The whole configuration; see the commented `config.yaml` for every key."""
 
@@ -389,6 +406,7 @@ class Settings(BaseSettings):
     # only those count, for rules that test `auth` and templates bound by `dkim`/`spf`/`dmarc`.
     # None: no such header is trusted (and rules that test `auth` are refused).
     authserv_id: str | None = Field(default=None, min_length=1, pattern=r"^[^\s;()]+$")
+    verify: VerifySettings = VerifySettings()
     database: DatabaseSettings = DatabaseSettings()
     tickets: TicketSettings = TicketSettings()
     intake: IntakeSettings = IntakeSettings()
@@ -414,6 +432,12 @@ class Settings(BaseSettings):
     def _web_on_the_listener(self) -> Settings:
         if self.web.enabled and not self.http.enabled:
             raise ValueError("web.enabled needs http.enabled: the pages are on that listener")
+        return self
+
+    @model_validator(mode="after")
+    def _verify_needs_authserv_id(self) -> Settings:
+        if self.verify.enabled and not self.authserv_id:
+            raise ValueError("verify.enabled needs authserv_id, the name our verdicts go under")
         return self
 
     @property

@@ -129,3 +129,14 @@ def passed_for(results: list[AuthResult], method: str, domains: list[str]) -> bo
         if domain and any(domain == d or domain.endswith("." + d) for d in wanted):
             return True
     return False
+
+
+def with_own_results(
+    headers: list[tuple[str, str]], value: str, authserv_id: str
+) -> list[tuple[str, str]]:
+    """`headers` with mailintake's own verdict (config `verify`) on top and every header carrying
+    our authserv-id that came with the mail removed, as an MTA must (RFC 8601 section 5): our
+    computed verdict is then the only one `trusted_results` reads."""
+    wanted = authserv_id.strip().lower()
+    kept = [(n, v) for n, v in headers if n.lower() != HEADER or authserv_id_of(v) != wanted]
+    return [("Authentication-Results", value), *kept]

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config import Settings, TicketSettings
 from ingest.extract import Template, load_templates
 from ingest.mail import Decision, IncomingMail
+from ingest.verify import Resolver, system_resolver
 
 # Routing reads the mail and the rules, nothing else: it writes nothing and takes no turn.
 Router = Callable[[IncomingMail], Decision]
@@ -42,6 +43,12 @@ class PipelineContext:
     # When set (serve, its workers, the CLI): the templates in force, which a reload swaps whole;
     # taken once per message, like the rules.
     template_source: Callable[[], list[Template]] | None = None
+    resolver: Resolver | None = None  # DNS of config `verify`; None: the host's, on first use
+
+    def verify_dns(self) -> Resolver:
+        if self.resolver is None:
+            self.resolver = system_resolver(self.settings.verify.dns_timeout_seconds)
+        return self.resolver
 
     def source_templates(self) -> list[Template]:
         if self.template_source is not None:

@@ -19,6 +19,7 @@ from ingest.detect import detect, find_follow_up, loop_reason
 from ingest.extract import extract
 from ingest.mail import Earlier, IncomingMail
 from ingest.parse import parse
+from ingest.verify import verify
 from pipeline.context import PipelineContext, with_ticket_defaults
 from pipeline.store import store
 from storage import repo
@@ -42,6 +43,8 @@ def parse_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
     if len(mail.raw) > limit:
         raise MessageTooLarge(f"message is {len(mail.raw)} bytes, over the limit of {limit}")
     mail.parsed = parse(mail.raw)
+    if ctx.settings.verify.enabled:  # our own DKIM/SPF/DMARC/ARC verdicts (ingest/verify.py)
+        verify(mail, ctx.settings, ctx.verify_dns())
 
 
 def detect_stage(mail: IncomingMail, ctx: PipelineContext) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,3 +237,31 @@ def serve_processes() -> Iterator[list[ServeProcess]]:
         child.proc.wait(10)
         if child.proc.stderr is not None:
             child.proc.stderr.close()
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Every name lookup, and every socket connect or send to a network address, is refused
+    (Unix sockets may connect) and recorded in the list it yields: a test asserts it empty, so
+    an attempt the code under test caught and hid still fails the test."""
+    tried: list[Any] = []
+
+    def guarded(name: str) -> Any:
+        original = getattr(socket.socket, name)
+
+        def refuse(self: socket.socket, address: Any, *args: Any) -> Any:
+            if self.family != socket.AF_UNIX:
+                tried.append(address)
+                raise OSError(f"test: no network ({address!r})")
+            return original(self, address, *args)
+
+        return refuse
+
+    def lookup(host: Any, *args: Any, **kwargs: Any) -> Any:
+        tried.append(host)
+        raise OSError(f"test: no network (lookup of {host!r})")
+
+    for name in ("connect", "connect_ex", "sendto"):
+        monkeypatch.setattr(socket.socket, name, guarded(name))
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    yield tried

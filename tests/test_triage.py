@@ -5,10 +5,8 @@ the one-line summary, and no network use."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -249,27 +247,6 @@ def test_the_rules_file_refuses_a_misspelt_suggestion_target(tmp_path):
 def test_summary_is_the_first_meaningful_sentence(text, fields, expected):
     assert summarize("件名だけ", text, fields) == expected
     assert len(summarize("件名だけ", text, fields)) <= MAX_CHARS
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Every socket connect or send to a network address raises (Unix sockets may connect)."""
-    tried: list[Any] = []
-
-    def guarded(name: str) -> Any:
-        original = getattr(socket.socket, name)
-
-        def refuse(self: socket.socket, address: Any, *args: Any) -> Any:
-            if self.family != socket.AF_UNIX:
-                tried.append(address)
-                raise OSError(f"test: no network ({address!r})")
-            return original(self, address, *args)
-
-        return refuse
-
-    for name in ("connect", "connect_ex", "sendto"):
-        monkeypatch.setattr(socket.socket, name, guarded(name))
-    yield tried
 
 
 def test_refuses_the_network_when_asked(no_network):
