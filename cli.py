@@ -334,6 +334,14 @@ def print_history(history: list[dict[str, Any]]) -> None:
         )
 
 
+def print_timings(timings: list[dict[str, Any]] | None) -> None:
+    """The stages the last processing went through, with their milliseconds."""
+    out.print("[bold]stages[/bold]:" + " (none recorded)" * (timings is None))
+    for entry in timings or ():
+        failed = "  failed here" if entry.get("failed") else ""
+        out.print(f"  {entry['stage']:<10} {entry['ms']:>10.3f} ms{failed}", highlight=False)
+
+
 def print_json(data: Any) -> None:
     out.print_json(json.dumps(data, ensure_ascii=False, default=json_value))
 
@@ -804,7 +812,8 @@ def messages_show(
     if json_output:
         print_json(view)
         return
-    print_fields(view, (n for n in view if n != "history"))
+    print_fields(view, (n for n in view if n not in ("history", "stage_timings")))
+    print_timings(view["stage_timings"])
     print_history(view["history"])
 
 
@@ -890,7 +899,9 @@ def failed_show(
     if json_output:
         print_json(view)
         return
-    print_fields(view, (n for n in view if n not in ("error", "headers", "history")))
+    shown = ("error", "headers", "history", "stage_timings")
+    print_fields(view, (n for n in view if n not in shown))
+    print_timings(view["stage_timings"])
     out.print("[bold]headers[/bold]:" + (" (raw bytes purged by retention)" * view["raw_purged"]))
     for name, value in view["headers"]:
         out.print(f"  {name}: {value}", highlight=False, markup=False)

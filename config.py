@@ -361,6 +361,10 @@ class WebSettings(Section):
     session_max_age_seconds: int = Field(default=8 * 3600, gt=0)
     # A proxy user without an account entry gets this role.
     proxy_default_role: Literal["admin", "viewer"] = "viewer"
+    # After this many failed logins within the window, an account name or a client address
+    # is refused (429) until the window has passed since the oldest of them.
+    login_failure_limit: int = Field(default=5, ge=1)
+    login_failure_window_seconds: int = Field(default=300, gt=0)
 
     @model_validator(mode="after")
     def _secret_when_enabled(self) -> WebSettings:

@@ -14,6 +14,7 @@ from pathlib import Path
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from ingest.mail import IncomingMail
 from storage import repo
 
 
@@ -56,3 +57,13 @@ def record_attempt(
     repo.add_attempt(
         session, inbound_id, outcome, stage=stage, error=error, **asdict(current_actor())
     )
+
+
+def stage_timings(mail: IncomingMail, *, failed: bool = False) -> list[dict[str, object]]:
+    """The ledger's `stage_timings`: each stage run with its milliseconds, in order (a JSON
+    list, since PostgreSQL's JSON objects need not keep their order); when `failed`, the
+    stage that raised is marked."""
+    return [
+        {"stage": stage, "ms": ms, **({"failed": True} if failed and stage == mail.stage else {})}
+        for stage, ms in mail.timings.items()
+    ]

@@ -16,7 +16,7 @@ from typing import TypeGuard
 from sqlalchemy.exc import IntegrityError
 
 from ingest.mail import Envelope, IncomingMail
-from pipeline.attempts import error_line, record_attempt
+from pipeline.attempts import error_line, record_attempt, stage_timings
 from pipeline.context import PipelineContext
 from pipeline.leases import INTERRUPTED_LIMIT, claim_next, lease_owner, take_lease
 from pipeline.retry import retry_at
@@ -123,9 +123,10 @@ def _decide_and_store(ctx: PipelineContext, mail: IncomingMail) -> None:
     mail.fate = mail.decision = mail.duplicate_of = mail.drop_reason = None
     with ctx.sessions.begin() as session:
         for stage, run in DECIDING_STAGES:
-            mail.stage = stage
-            run(mail, ctx, session)
+            with mail.in_stage(stage):
+                run(mail, ctx, session)
         assert mail.fate is not None, "the decide stage settles every message"
+        repo.set_stage_timings(session, mail.inbound_id, stage_timings(mail))
         record_attempt(session, mail.inbound_id, mail.fate)
 
 
@@ -146,7 +147,10 @@ def _record_failure(ctx: PipelineContext, mail: IncomingMail, exc: Exception) ->
     error = "".join(traceback.format_exception(exc))
     failed_at = utcnow()
     with ctx.sessions.begin() as session:
-        attempts = repo.mark_failed(session, mail.inbound_id, owner, stage, error, failed_at)
+        timings = stage_timings(mail, failed=True)
+        attempts = repo.mark_failed(
+            session, mail.inbound_id, owner, stage, error, failed_at, stage_timings=timings
+        )
         if attempts is None:
             return None
         record_attempt(session, mail.inbound_id, Fate.FAILED, stage, error)

@@ -156,5 +156,5 @@ STAGES: tuple[Stage, ...] = tuple(stage for stage, _ in (*EXAMINE_STAGES, *DECID
 def examine(mail: IncomingMail, ctx: PipelineContext) -> None:
     """The stages that need no database."""
     for stage, run in EXAMINE_STAGES:
-        mail.stage = stage
-        run(mail, ctx)
+        with mail.in_stage(stage):
+            run(mail, ctx)

@@ -128,6 +128,9 @@ class InboundMessage(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_until: Mapped[datetime | None]
     interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # How long each stage took when the fate was stored: [{"stage", "ms", "failed"?}, ...] in
+    # stage order; NULL for rows processed before migration 0008.
+    stage_timings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     content: Mapped[InboundRaw] = relationship(lazy="joined")
 

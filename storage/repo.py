@@ -113,7 +113,13 @@ def claim(session: Session, inbound_id: int, owner: str) -> bool:
 
 
 def mark_failed(
-    session: Session, inbound_id: int, owner: str, stage: str, error: str, failed_at: datetime
+    session: Session,
+    inbound_id: int,
+    owner: str,
+    stage: str,
+    error: str,
+    failed_at: datetime,
+    stage_timings: list[dict[str, Any]] | None = None,
 ) -> int | None:
     """Record a failure by the lease holder `owner` and release the lease; returns the number
     of attempts so far, or None if the message is no longer this process's to fail."""
@@ -128,6 +134,7 @@ def mark_failed(
             status=Fate.FAILED,
             fail_stage=stage,
             error=error,
+            stage_timings=stage_timings,
             processed_at=failed_at,
             next_attempt_at=None,
             **RELEASED,
@@ -236,6 +243,13 @@ def set_fate(
             processed_at=utcnow(),
             **RELEASED,
         )
+    )
+
+
+def set_stage_timings(session: Session, inbound_id: int, timings: list[dict[str, Any]]) -> None:
+    """Record how long each stage took, in the transaction that stores the fate."""
+    session.execute(
+        update(InboundMessage).where(InboundMessage.id == inbound_id).values(stage_timings=timings)
     )
 
 

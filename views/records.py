@@ -95,6 +95,7 @@ def message_view(message: InboundMessage) -> dict[str, Any]:
         "duplicate_of_id": message.duplicate_of_id,
         "next_attempt_at": message.next_attempt_at,
         "discard_reason": message.discard_reason,
+        "stage_timings": message.stage_timings,
     }
 
 

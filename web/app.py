@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import string
 from pathlib import Path
 
@@ -18,8 +19,12 @@ from starlette.staticfiles import StaticFiles
 from web import dashboard, failures, ledger, playground, tickets
 from web.auth import CSRF_FIELD, check_login, csrf_ok, current_user, log_in
 from web.site import SecurityHeaders, Site, guarded
+from web.throttle import retry_after
 
 SESSION_COOKIE = "mailintake_session"
+KEY_CHARACTERS = 200  # of a name tried, as the throttle remembers it
+
+log = logging.getLogger(__name__)
 
 
 PATH_CHARACTERS = frozenset(string.ascii_letters + string.digits + "/-_.")
@@ -50,16 +55,37 @@ async def _log_in(site: Site, request: Request, form: FormData) -> Response:
         return site.render(
             request, None, "login.html", status_code=403, error=message, next=next_page
         )
-    user = check_login(
-        site.settings, str(form.get("username") or ""), str(form.get("password") or "")
-    )
+    name = str(form.get("username") or "")
+    address = request.client.host if request.client else "?"
+    keys = (f"account:{name[:KEY_CHARACTERS]}", f"address:{address}")
+    wait = site.throttle.wait(keys)
+    if wait:
+        log.warning("web login for %r from %s refused: too many failed logins", name, address)
+        return _throttled(site, request, wait, next_page)
+    user = check_login(site.settings, name, str(form.get("password") or ""))
     if user is None:
+        site.throttle.failed(keys)
+        log.info("web login for %r from %s failed", name, address)
         message = "Unknown name or wrong password."
         return site.render(
             request, None, "login.html", status_code=401, error=message, next=next_page
         )
+    site.throttle.succeeded(keys[0])
     log_in(request, user)
     return RedirectResponse(next_page, 303)
+
+
+def _throttled(site: Site, request: Request, wait: float, next_page: str) -> Response:
+    """429 before any password is checked (so it says nothing about the password)."""
+    message = (
+        "Too many failed logins for this name or from this address: "
+        f"try again in {retry_after(wait)} seconds."
+    )
+    refused = site.render(
+        request, None, "login.html", status_code=429, error=message, next=next_page
+    )
+    refused.headers["Retry-After"] = retry_after(wait)
+    return refused
 
 
 async def logout(request: Request) -> Response:

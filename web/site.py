@@ -3,6 +3,7 @@ filters, the guard that checks login, role and CSRF token, and the security head
 
 from __future__ import annotations
 
+import time
 import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pipeline.context import PipelineContext
 from rules.engine import CompiledRules, RulesRouter
 from sources.metrics import Parts
 from web.auth import CSRF_FIELD, Role, User, csrf_ok, csrf_token, current_user
+from web.throttle import LoginThrottle
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 SECURITY_HEADERS = {
@@ -43,7 +45,9 @@ class Site:
     settings: Settings
     sessions: sessionmaker[Session]
     parts: Parts = field(default_factory=Parts)  # the rules and templates in force
+    clock: Callable[[], float] = time.monotonic  # for the login throttle (tests move it)
     templates: Jinja2Templates = field(init=False)
+    throttle: LoginThrottle = field(init=False)
 
     def __post_init__(self) -> None:
         env = Environment(
@@ -53,6 +57,10 @@ class Site:
         env.filters["when"] = self.when
         env.filters["lang"] = lang_of
         self.templates = Jinja2Templates(env=env)
+        web = self.settings.web
+        self.throttle = LoginThrottle(
+            web.login_failure_limit, web.login_failure_window_seconds, self.clock
+        )
 
     def pipeline(self) -> PipelineContext:
         """The pipeline with the rules and templates the service has now (reloads included),
