@@ -22,9 +22,10 @@ from config import Settings
 from ingest.intake import receive
 from ingest.mail import Envelope
 from pipeline.process import PipelineContext, process
+from pipeline.stages import STAGES
 from storage import repo
 from storage.models import Ticket, utcnow
-from storage.states import Fate
+from storage.states import Fate, Stage
 from tests.mails import simple_mail
 from tests.servers import ServeProcess
 from tests.web_server import ADMIN, RULES, VIEWER, Client, WebServer, web_settings
@@ -33,6 +34,7 @@ from web.app import safe_next
 from web.auth import check_login
 from web.dashboard import BAR_WIDTH, CHART_HEIGHT, CHART_HOURS, chart
 from web.site import Site
+from web.throttle import LoginThrottle, retry_after
 
 FILE = Envelope(source="file")
 
@@ -360,3 +362,106 @@ def test_every_answer_forbids_scripts_and_framing(web, sessions):
         )
         if path != f"/messages/{inbound_id}/raw":
             assert "<script>alert" not in body, path
+
+
+STAGE_ROW = re.compile(r"<tr(?: class=\"problem\")?><td>(\w+)( \(failed here\))?</td>")
+
+
+def stage_rows(page: str) -> list[tuple[str, bool]]:
+    """The message page's stage table: (stage, marked as the failing one) per row."""
+    table = page[page.index('id="stages"') :]
+    table = table[: table.index("</table>")]
+    return [(name, bool(mark)) for name, mark in STAGE_ROW.findall(table)]
+
+
+def test_the_message_page_shows_each_stage_with_its_time(web, sessions):
+    done = receive(sessions, simple_mail(subject="時間"), FILE)
+    process(PipelineContext(web.settings, sessions), done)
+    failing = failed(web.settings, sessions, "失敗")
+    client = Client(web.url)
+    client.login(*VIEWER)
+    page = client.request(f"/messages/{done}").body
+    assert stage_rows(page) == [(stage.value, False) for stage in STAGES]
+    assert page.count("<meter ") == len(STAGES)
+    rows = stage_rows(client.request(f"/messages/{failing}").body)
+    assert rows[-1] == ("route", True) and [name for name, _ in rows] == [
+        s.value for s in STAGES[: STAGES.index(Stage.ROUTE) + 1]
+    ]
+
+
+class Clock:
+    """The login throttle's monotonic clock, moved by the test instead of waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def throttled(db_url: str, rules_path: Path, sessions) -> Iterator[tuple[WebServer, Clock]]:
+    settings = web_settings(db_url, rules_path)
+    web_part = settings.web.model_copy(update={"login_failure_window_seconds": 60})
+    clock = Clock()
+    server = WebServer(settings.model_copy(update={"web": web_part}), sessions, clock).start()
+    yield server, clock
+    server.stop()
+
+
+def test_five_wrong_passwords_shut_the_account_and_address_out_until_the_window_passes(
+    throttled,
+):
+    web, clock = throttled
+    client = Client(web.url)
+    for attempt in range(5):
+        assert client.login(ADMIN[0], f"wrong {attempt}").status == 401
+        clock.now += 1
+    refused = client.login(*ADMIN)  # the right password, too late
+    assert refused.status == 429 and "Too many failed logins" in refused.body
+    assert client.request("/").url.endswith("/login?next=/")
+    assert Client(web.url, source="127.0.0.3").login(*ADMIN).status == 429  # the account
+    assert client.login(*VIEWER).status == 429  # the address
+    assert Client(web.url, source="127.0.0.2").login(*VIEWER).status == 200
+
+    clock.now += 60 - 5  # the oldest failure is 60 s old: one of the five has expired
+    assert client.login(*ADMIN).status == 200
+    assert "Dashboard" in client.request("/").body
+
+
+def test_failures_from_one_address_shut_it_out_whatever_the_names(throttled):
+    web, clock = throttled
+    elsewhere = Client(web.url, source="127.0.0.2")
+    for attempt in range(5):
+        assert elsewhere.login(f"nobody{attempt}", "guess").status == 401
+    assert elsewhere.login(*VIEWER).status == 429
+    assert Client(web.url).login(*VIEWER).status == 200  # the account itself is not shut
+    clock.now += 60
+    assert elsewhere.login(*VIEWER).status == 200
+
+
+def test_a_right_password_clears_the_account_count_not_the_address_count(throttled):
+    web, _clock = throttled
+    client = Client(web.url)
+    for _ in range(4):
+        assert client.login(ADMIN[0], "wrong").status == 401
+    assert client.login(*ADMIN).status == 200
+    other = Client(web.url, source="127.0.0.2")
+    for _ in range(4):  # four more for the account: refused only after a fifth
+        assert other.login(ADMIN[0], "wrong").status == 401
+    assert other.login(*ADMIN).status == 200
+    assert client.login(VIEWER[0], "wrong").status == 401  # the address's fifth
+    assert client.login(*VIEWER).status == 429
+
+
+def test_the_throttle_remembers_a_bounded_number_of_names_and_addresses():
+    clock = Clock()
+    throttle = LoginThrottle(limit=2, window=10, clock=clock, max_keys=3)
+    for key in ("a", "b", "c", "d"):
+        throttle.failed([key])
+        throttle.failed([key])
+    assert throttle.wait(["a"]) == 0  # forgotten: the least recently failed went first
+    assert throttle.wait(["d"]) == 10
+    clock.now += 4
+    assert throttle.wait(["b", "c"]) == 6
+    assert retry_after(0.2) == "1" and retry_after(6.0) == "6"

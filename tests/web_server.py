@@ -4,13 +4,16 @@ with an admin and a viewer account, and a small HTTP client that logs in like a 
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.client
 import http.cookiejar
 import re
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +65,7 @@ class WebServer:
 
     settings: Settings
     sessions: sessionmaker[Session]
+    clock: Callable[[], float] = time.monotonic  # the login throttle's
     url: str = ""
     holder: RulesHolder = field(init=False)
     _loop: asyncio.AbstractEventLoop = field(init=False)
@@ -72,7 +76,7 @@ class WebServer:
         assert self.settings.rules.path is not None
         self.holder = RulesHolder.load(self.settings.rules.path, self.settings.zone)
         parts = Parts(rules=self.holder)
-        site = Site(self.settings, self.sessions, parts)
+        site = Site(self.settings, self.sessions, parts, self.clock)
         app = create_app(
             Metrics(self.sessions, parts, None),
             Readiness(self.settings, self.sessions, parts),
@@ -104,15 +108,33 @@ class Reply:
     url: str
 
 
-class Client:
-    """A cookie-keeping HTTP client: what a browser does, without the browser."""
+class FromAddress(urllib.request.HTTPHandler):
+    """Connects from a given local address (any of 127.0.0.0/8 reaches the loopback server)."""
 
-    def __init__(self, base: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = functools.partial(http.client.HTTPConnection, source_address=(self.address, 0))
+        return self.do_open(connection, req)
+
+
+class Client:
+    """A cookie-keeping HTTP client: what a browser does, without the browser; `source` is
+    the local address it connects from (another client address for the server)."""
+
+    def __init__(
+        self, base: str, headers: dict[str, str] | None = None, source: str | None = None
+    ) -> None:
         self.base = base
         self.headers = headers or {}
-        self.opener = urllib.request.build_opener(
+        handlers: list[urllib.request.BaseHandler] = [
             urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
-        )
+        ]
+        if source is not None:
+            handlers.append(FromAddress(source))
+        self.opener = urllib.request.build_opener(*handlers)
 
     def request(self, path: str, form: Mapping[str, object] | None = None) -> Reply:
         data = urllib.parse.urlencode(form, doseq=True).encode() if form is not None else None
