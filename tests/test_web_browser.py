@@ -22,6 +22,7 @@ from config import Settings
 from ingest.intake import receive
 from ingest.mail import Decision, Envelope, IncomingMail
 from pipeline.process import PipelineContext, process
+from pipeline.stages import STAGES
 from storage import db
 from storage.models import InboundMessage, utcnow
 from storage.states import Fate
@@ -186,6 +187,8 @@ def test_find_a_message_by_its_japanese_subject_and_open_it(site, browser):
     assert "9時12分に送りました" in browser.find_element(By.ID, "body").text
     assert browser.find_element(By.ID, "fate").text == "ticket"
     assert browser.find_element(By.LINK_TEXT, "注文書.pdf")
+    stages = browser.find_elements(By.CSS_SELECTOR, "#stages tbody td:first-child")
+    assert [cell.text for cell in stages] == [stage.value for stage in STAGES]
     shoot(browser, "message")
     browser.find_element(By.ID, "ticket-link").click()
     wait(browser, lambda d: d.find_elements(By.ID, "ticket-key"), "the ticket")
