@@ -18,13 +18,12 @@ from pipeline.stages import STAGES
 from storage import db
 from storage.models import InboundMessage
 from storage.states import Fate, Stage
-from tests import test_failed, test_storage_growth
+from tests import test_storage_growth
 from tests.mails import simple_mail
 from tests.test_storage_growth import ORIGINAL_MID, add_0004_store
 
 FILE = Envelope(source="file")
-# Fixtures of those modules: the CLI on the test database, an empty (unmigrated) database.
-cli = test_failed.cli
+# test_storage_growth's fixture: an empty (unmigrated) database on each backend.
 empty_engine = test_storage_growth.empty_engine
 
 
@@ -84,7 +83,8 @@ def test_a_message_failing_to_parse_has_one_timing(settings, sessions):
     assert [(t["stage"], t.get("failed")) for t in timings] == [("parse", True)]
 
 
-def test_messages_show_and_failed_show_list_the_stages(cli, settings, sessions):
+def test_messages_show_and_failed_show_list_the_stages(shipped_cli, settings, sessions):
+    cli = shipped_cli
     done = receive(sessions, simple_mail(subject="done"), FILE)
     process(PipelineContext(settings, sessions), done)
     failing = receive(sessions, simple_mail(subject="failing"), FILE)
