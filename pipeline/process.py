@@ -70,6 +70,7 @@ class Chain(Generic[T]):
 
     take: Callable[[Session], T | None]
     taken: T | None = None
+    committed: bool = False  # `take` ran in a committed transaction (`taken` None: none left)
 
 
 def processable(row: InboundMessage | None) -> TypeGuard[InboundMessage]:
@@ -126,6 +127,8 @@ def process_waiting(
         chain = Chain(lambda session: _claim_in(session, owner) if more() else None)
         fate = _run(ctx, *leased, chain if chained else None) if leased else None
         yield inbound_id, fate
+        if chain.committed and chain.taken is None:
+            return  # nothing was left to claim (or a stop was asked for) a moment ago
         claimed = chain.taken
 
 
@@ -200,7 +203,7 @@ def _decide_and_store(ctx: PipelineContext, mail: IncomingMail, chain: Chain | N
         record_attempt(session, mail.inbound_id, mail.fate)
         taken = chain.take(session) if chain else None
     if chain:
-        chain.taken = taken
+        chain.taken, chain.committed = taken, True
 
 
 def _about(mail: IncomingMail) -> dict[str, object]:
