@@ -5,7 +5,7 @@ SQLite and PostgreSQL: pinned, so a change that adds a round trip or a commit sh
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, event
@@ -33,7 +33,11 @@ def counting(engine: Engine) -> Iterator[Counter[str]]:
     def rollback(_conn) -> None:
         counts["rollback"] += 1
 
-    hooks = [("before_cursor_execute", statement), ("commit", commit), ("rollback", rollback)]
+    hooks: list[tuple[str, Callable[..., None]]] = [
+        ("before_cursor_execute", statement),
+        ("commit", commit),
+        ("rollback", rollback),
+    ]
     for name, hook in hooks:
         event.listen(engine, name, hook)
     try:
