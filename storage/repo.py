@@ -42,6 +42,10 @@ from storage.models import (
 from storage.states import FINAL, PROCESSABLE, SETTLED, WITH_RECORD, Fate, Stage
 
 RELEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None, "interruptions": 0}
+# For the per-message ledger UPDATEs (lease, claim, fate): no ORM object of the row is read back
+# in the transaction after them, so the session need not find and refresh it (about a third of
+# each UPDATE's cost in a profile of backfill).
+UNSYNCED: dict[str, Any] = {"synchronize_session": False}
 
 
 def _rows_updated(session: Session, statement: Update) -> int:
@@ -87,7 +91,8 @@ def take_lease(
             lease_owner=owner,
             lease_until=until,
         )
-        .returning(InboundMessage.attempts, InboundMessage.interruptions)
+        .returning(InboundMessage.attempts, InboundMessage.interruptions),
+        execution_options=UNSYNCED,
     )
     row = result.one_or_none()
     return (row.attempts, row.interruptions) if row else None
@@ -108,6 +113,7 @@ def claim(session: Session, inbound_id: int, owner: str) -> bool:
             InboundMessage.lease_owner == owner,
         )
         .values(attempts=InboundMessage.attempts)
+        .execution_options(**UNSYNCED)
     )
     return _rows_updated(session, statement) == 1
 
@@ -235,7 +241,8 @@ def set_fate(
             next_attempt_at=None,
             processed_at=utcnow(),
             **RELEASED,
-        )
+        ),
+        execution_options=UNSYNCED,
     )
 
 
