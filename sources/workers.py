@@ -25,7 +25,9 @@ message, however costly or hostile, holds the listener's GIL, and every core wor
   (`process_waiting`, pipeline/leases.py `claim_next`): any worker's, any node's. On PostgreSQL
   the candidates are read `FOR UPDATE SKIP LOCKED`, so workers and nodes on one store never
   pick the same row; a node that died leaves rows that the others take at their next pass
-  (this host: at once; another host: when the lease runs out).
+  (this host: at once; another host: when the lease runs out). Each next claim is committed
+  with the previous message's outcome (one commit per message); a stop asked for after that
+  commit still lets the worker finish the message it claimed.
 """
 
 from __future__ import annotations
