@@ -462,7 +462,7 @@ def ingest_sources(ctx: typer.Context, sources: list[MessageSource], run: Ingest
     from functools import partial
 
     from ingest.intake import receive
-    from pipeline.process import process, process_pending
+    from pipeline.process import process, process_in_order, process_pending
     from sources.backfill import backfill
 
     with runtime(ctx) as rt:
@@ -479,7 +479,8 @@ def ingest_sources(ctx: typer.Context, sources: list[MessageSource], run: Ingest
                         run.fates[process(pipeline, run.stored[-1]) or "skipped"] += 1
                         bar.advance(task)
                     continue
-                for inbound_id, fate in backfill(rt.sessions, source, partial(process, pipeline)):
+                batch = partial(process_in_order, pipeline)
+                for inbound_id, fate in backfill(rt.sessions, source, batch):
                     run.stored.append(inbound_id)
                     run.fates[fate or "skipped"] += 1
                     bar.advance(task)

@@ -108,15 +108,19 @@ def lease_abandoned(owner: str, until: datetime | None, now: datetime) -> bool:
     return False
 
 
-def take_lease(session: Session, inbound_id: int, owner: str) -> int | None:
+def take_lease(
+    session: Session, inbound_id: int, owner: str, seen: repo.Lease | None = None
+) -> int | None:
     """Become the one process working on the message, in `session`'s transaction, which the
-    caller commits before the work starts.
+    caller commits before the work starts (alone, or with the previous message's outcome).
+    `seen`: the lease as the caller just read it with the row (else it is read here).
 
     Returns how many attempts in a row were interrupted (their lease left behind), or None if
     the message is done or another live process holds it.
     """
     now = utcnow()
-    seen = repo.lease_of(session, inbound_id)
+    if seen is None:
+        seen = repo.lease_of(session, inbound_id)
     if seen is None or seen.status not in PROCESSABLE:
         return None
     if seen.owner is not None and not lease_abandoned(seen.owner, seen.until, now):
@@ -134,16 +138,22 @@ def claim_next(sessions: sessionmaker[Session], owner: str) -> tuple[int, int] |
     UPDATE SKIP LOCKED`, so nodes claiming at the same moment each get other rows instead of
     waiting on, or racing for, one, and only a few rows are locked per claim.
     """
-    now = utcnow()
     with sessions.begin() as session:
-        free = repo.lease_candidates(session, now, CLAIM_CANDIDATES)
-        here = [] if free else repo.lease_candidates(session, now, HELD_HERE, f"{_host()}:")
-        for inbound_id, seen in free + here:
-            if seen.owner is not None and not lease_abandoned(seen.owner, seen.until, now):
-                continue
-            taken = repo.take_lease(session, inbound_id, seen, owner, now + LEASE)
-            if taken:
-                return inbound_id, taken[1]
+        return claim_next_in(session, owner)
+
+
+def claim_next_in(session: Session, owner: str) -> tuple[int, int] | None:
+    """`claim_next` in the caller's transaction, which it commits before the work starts
+    (alone, or with the previous message's outcome: one commit per message)."""
+    now = utcnow()
+    free = repo.lease_candidates(session, now, CLAIM_CANDIDATES)
+    here = [] if free else repo.lease_candidates(session, now, HELD_HERE, f"{_host()}:")
+    for inbound_id, seen in free + here:
+        if seen.owner is not None and not lease_abandoned(seen.owner, seen.until, now):
+            continue
+        taken = repo.take_lease(session, inbound_id, seen, owner, now + LEASE)
+        if taken:
+            return inbound_id, taken[1]
     return None
 
 

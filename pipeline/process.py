@@ -8,17 +8,20 @@ with the stage and the traceback; the raw bytes stay.
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
-from collections.abc import Callable
-from typing import TypeGuard
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeGuard, TypeVar
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from ingest.mail import Envelope, IncomingMail
 from pipeline.attempts import error_line, record_attempt, stage_timings
 from pipeline.context import PipelineContext
-from pipeline.leases import INTERRUPTED_LIMIT, claim_next, lease_owner, take_lease
+from pipeline.leases import INTERRUPTED_LIMIT, claim_next_in, lease_owner, take_lease
 from pipeline.retry import retry_at
 from pipeline.stages import DECIDING_STAGES, NotOurs, examine
 from storage import repo
@@ -26,6 +29,9 @@ from storage.models import InboundMessage, utcnow
 from storage.states import PROCESSABLE, Fate, Stage
 
 log = logging.getLogger(__name__)
+
+Leased = tuple[IncomingMail, int]  # a message whose lease was taken, and its interruptions so far
+T = TypeVar("T")
 
 
 def load_and_lease(
@@ -36,15 +42,35 @@ def load_and_lease(
     fetched: the message is still in its mailbox, and the reason stays) or another live
     process holds it. With the mail comes how many attempts in a row died unfinished."""
     with ctx.sessions.begin() as session:
-        row = session.get(InboundMessage, inbound_id)
-        if not processable(row):
-            return None
-        mail = incoming_mail(row)
-        interruptions = take_lease(session, inbound_id, owner)
-        if interruptions is None:
-            return None
+        return lease_in(session, inbound_id, owner)
+
+
+def lease_in(session: Session, inbound_id: int, owner: str) -> Leased | None:
+    """`load_and_lease` in the caller's transaction: the row is read once, and its lease taken
+    from what was read (compare-and-set), with no second look-up."""
+    row = session.get(InboundMessage, inbound_id)
+    if not processable(row):
+        return None
+    seen = repo.Lease(row.status, row.lease_owner, row.lease_until)
+    interruptions = take_lease(session, inbound_id, owner, seen)
+    if interruptions is None:
+        return None
+    mail = incoming_mail(row)
     mail.lease_owner = owner
     return mail, interruptions
+
+
+@dataclass
+class Chain(Generic[T]):
+    """The next message's lease, taken by `take` in the transaction that commits this one's
+    outcome: one commit per message, and the lease is still committed before its work starts,
+    so a crash on the next message counts as its interrupted attempt as before. `taken` stays
+    None when that transaction did not commit (a failure, a lost lease): the caller then takes
+    the next lease on its own."""
+
+    take: Callable[[Session], T | None]
+    taken: T | None = None
+    committed: bool = False  # `take` ran in a committed transaction (`taken` None: none left)
 
 
 def processable(row: InboundMessage | None) -> TypeGuard[InboundMessage]:
@@ -78,22 +104,70 @@ def process(ctx: PipelineContext, inbound_id: int) -> Fate | None:
 def process_next(ctx: PipelineContext) -> tuple[int, Fate | None] | None:
     """Claim the oldest waiting message no living process holds (any node's: `claim_next`)
     and process it; (its ledger id, its fate), or None when nothing is left to claim."""
+    return next(process_waiting(ctx, lambda: True, chained=False), None)
+
+
+def process_waiting(
+    ctx: PipelineContext, more: Callable[[], bool], *, chained: bool = True
+) -> Iterator[tuple[int, Fate | None]]:
+    """Claim and process waiting messages one after another (`claim_next`) while `more()`;
+    each message's ledger id and fate. `chained`: each next claim is taken in the transaction
+    that stores the previous outcome (`Chain`). A claim taken is always processed."""
     owner = lease_owner()
-    claimed = claim_next(ctx.sessions, owner)
+    claimed = None
+    while True:
+        if claimed is None:
+            if not more():
+                return
+            with ctx.sessions.begin() as session:
+                claimed = _claim_in(session, owner)
+            if claimed is None:
+                return
+        inbound_id, leased = claimed
+        chain = Chain(lambda session: _claim_in(session, owner) if more() else None)
+        fate = _run(ctx, *leased, chain if chained else None) if leased else None
+        yield inbound_id, fate
+        if chain.committed and chain.taken is None:
+            return  # nothing was left to claim (or a stop was asked for) a moment ago
+        claimed = chain.taken
+
+
+def _claim_in(session: Session, owner: str) -> tuple[int, Leased | None] | None:
+    claimed = claim_next_in(session, owner)
     if claimed is None:
         return None
     inbound_id, interruptions = claimed
-    with ctx.sessions() as session:
-        row = session.get(InboundMessage, inbound_id)
-        if not processable(row):
-            return inbound_id, None
-        mail = incoming_mail(row)
+    row = session.get(InboundMessage, inbound_id)
+    if not processable(row):
+        return inbound_id, None
+    mail = incoming_mail(row)
     mail.lease_owner = owner
-    return inbound_id, _run(ctx, mail, interruptions)
+    return inbound_id, (mail, interruptions)
 
 
-def _run(ctx: PipelineContext, mail: IncomingMail, interruptions: int) -> Fate | None:
-    """The stages, for a message whose lease this thread took."""
+def process_in_order(ctx: PipelineContext, ids: Sequence[int]) -> Iterator[Fate | None]:
+    """`process` for each of `ids` in turn, each next lease taken in the transaction that
+    stores the previous outcome (`Chain`): one commit per message on the normal path."""
+    owner = lease_owner()
+    taken: Leased | None = None
+    for position, inbound_id in enumerate(ids):
+        leased = taken or load_and_lease(ctx, inbound_id, owner)
+        taken = None
+        if leased is None:
+            yield None
+            continue
+        chain: Chain[Leased] | None = None
+        if position + 1 < len(ids):
+            chain = Chain(functools.partial(lease_in, inbound_id=ids[position + 1], owner=owner))
+        yield _run(ctx, *leased, chain)
+        taken = chain.taken if chain else None
+
+
+def _run(
+    ctx: PipelineContext, mail: IncomingMail, interruptions: int, chain: Chain | None = None
+) -> Fate | None:
+    """The stages, for a message whose lease this thread took; `chain`: the next lease to take
+    in the outcome's transaction."""
     inbound_id = mail.inbound_id
     if interruptions >= INTERRUPTED_LIMIT:
         error = (
@@ -105,11 +179,11 @@ def _run(ctx: PipelineContext, mail: IncomingMail, interruptions: int) -> Fate |
     try:
         examine(mail, ctx)
         try:
-            _decide_and_store(ctx, mail)
+            _decide_and_store(ctx, mail, chain)
         except IntegrityError:
             # Another process stored the same message at the same moment; a second pass
             # sees its record and makes this delivery a duplicate.
-            _decide_and_store(ctx, mail)
+            _decide_and_store(ctx, mail, chain)
     except NotOurs:
         return None
     except Exception as exc:
@@ -118,8 +192,8 @@ def _run(ctx: PipelineContext, mail: IncomingMail, interruptions: int) -> Fate |
     return mail.fate
 
 
-def _decide_and_store(ctx: PipelineContext, mail: IncomingMail) -> None:
-    """The transactional stages, committed together or not at all."""
+def _decide_and_store(ctx: PipelineContext, mail: IncomingMail, chain: Chain | None) -> None:
+    """The transactional stages, committed together or not at all (with `chain`'s lease)."""
     mail.fate = mail.decision = mail.duplicate_of = mail.drop_reason = None
     with ctx.sessions.begin() as session:
         for stage, run in DECIDING_STAGES:
@@ -128,6 +202,9 @@ def _decide_and_store(ctx: PipelineContext, mail: IncomingMail) -> None:
         assert mail.fate is not None, "the decide stage settles every message"
         repo.set_stage_timings(session, mail.inbound_id, stage_timings(mail))
         record_attempt(session, mail.inbound_id, mail.fate)
+        taken = chain.take(session) if chain else None
+    if chain:
+        chain.taken, chain.committed = taken, True
 
 
 def _about(mail: IncomingMail) -> dict[str, object]:
@@ -169,8 +246,7 @@ def process_pending(
     """Process every message still `received` (new, or left by a crash); return how many."""
     with ctx.sessions() as session:
         ids = repo.pending_ids(session)
-    for inbound_id in ids:
-        fate = process(ctx, inbound_id)
+    for fate in process_in_order(ctx, ids):
         if on_done:
             on_done(fate)
     return len(ids)

@@ -3,7 +3,8 @@
 A batch is one transaction (one commit for up to BATCH_MESSAGES messages instead of one each):
 its messages are all stored or none is; a file has no sender to acknowledge, and a rerun reads
 them again. The stored messages are then processed in file order, one by one, by
-`pipeline.process.process` under their leases, so a killed ingest leaves rows `received` (or
+`pipeline.process.process_in_order` under their leases (each next lease taken in the
+transaction that stores the previous outcome), so a killed ingest leaves rows `received` (or
 leased by a dead process) that the next run's `process_pending` takes over, and a message read
 twice is recognised as a `duplicate` of its first record, never a second ticket.
 
@@ -14,7 +15,7 @@ out of order, so replies whose original was not stored yet opened tickets of the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,10 +44,12 @@ def batches(messages: Iterable[FileMessage]) -> Iterator[list[FileMessage]]:
 def backfill(
     sessions: sessionmaker[Session],
     messages: Iterable[FileMessage],
-    process: Callable[[int], Fate | None],
+    process: Callable[[Sequence[int]], Iterable[Fate | None]],
 ) -> Iterator[tuple[int, Fate | None]]:
-    """Store `messages` batch by batch, and after each commit process the batch in order;
-    yields each message's ledger id and fate (None: not processed here)."""
+    """Store `messages` batch by batch, and after each commit process the batch in order
+    (`process` takes the batch's ledger ids and yields a fate for each, as
+    `pipeline.process.process_in_order` does: one commit per message); yields each message's
+    ledger id and fate (None: not processed here)."""
     for batch in batches(messages):
-        for inbound_id in receive_batch(sessions, [(m.raw, m.envelope()) for m in batch]):
-            yield inbound_id, process(inbound_id)
+        ids = receive_batch(sessions, [(m.raw, m.envelope()) for m in batch])
+        yield from zip(ids, process(ids), strict=True)

@@ -22,10 +22,12 @@ message, however costly or hostile, holds the listener's GIL, and every core wor
   closes the pipe too, so workers never outlive it by more than a message.
 - **Restarted** by the parent when one dies (a line names it), unless the service is stopping.
 - **Claiming.** A worker takes the oldest waiting row that no living process holds
-  (`process_next`, pipeline/leases.py `claim_next`): any worker's, any node's. On PostgreSQL
+  (`process_waiting`, pipeline/leases.py `claim_next`): any worker's, any node's. On PostgreSQL
   the candidates are read `FOR UPDATE SKIP LOCKED`, so workers and nodes on one store never
   pick the same row; a node that died leaves rows that the others take at their next pass
-  (this host: at once; another host: when the lease runs out).
+  (this host: at once; another host: when the lease runs out). Each next claim is committed
+  with the previous message's outcome (one commit per message); a stop asked for after that
+  commit still lets the worker finish the message it claimed.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from pathlib import Path
 
 from config import ConfigError, Settings
 from pipeline.context import PipelineContext
-from pipeline.process import process_next
+from pipeline.process import process_waiting
 from pipeline.replay import retry_due
 from rules.engine import RulesRouter
 from rules.load import RulesError, load_rules
@@ -68,14 +70,13 @@ QUICK_DEATH_SECONDS = 5.0
 
 def drain(pipeline: PipelineContext, stop: threading.Event) -> None:
     """Process waiting messages until none is left that no living process holds, then due
-    retries. Each is claimed first (`process_next`): any node's row, one process at a time."""
-    while not stop.is_set():
-        started = time.monotonic()
-        done = process_next(pipeline)
-        if done is None:
-            break
-        if done[1] is not None:
+    retries. Each is claimed first (`process_waiting`): any node's row, one process at a time,
+    the next claim taken in the transaction that stores the previous outcome."""
+    started = time.monotonic()
+    for _inbound_id, fate in process_waiting(pipeline, lambda: not stop.is_set()):
+        if fate is not None:
             observe_processing(time.monotonic() - started)
+        started = time.monotonic()
     while not stop.is_set() and retry_due(pipeline, limit=RETRY_BATCH).outcomes:
         pass
 

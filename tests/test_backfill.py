@@ -4,9 +4,11 @@ promise is tested end to end in test_cli.py (test_sigkill_mid_ingest_then_rerun_
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from sqlalchemy import func, select
 
-from pipeline.process import process
+from pipeline.process import process_in_order
 from sources import backfill as backfill_module
 from sources.backfill import BATCH_MESSAGES, backfill, batches
 from sources.files import FileMessage
@@ -37,10 +39,12 @@ def test_backfill_stores_each_batch_then_processes_it_in_order(pipeline):
     )
     stored_when_processed = []
 
-    def run(inbound_id: int) -> Fate | None:
-        with pipeline.sessions() as session:
-            stored_when_processed.append(session.scalar(select(func.count(InboundMessage.id))))
-        return process(pipeline, inbound_id)
+    def run(ids: Sequence[int]) -> Iterator[Fate | None]:
+        for fate in process_in_order(pipeline, ids):
+            with pipeline.sessions() as session:
+                stored = session.scalar(select(func.count(InboundMessage.id)))
+            stored_when_processed.append(stored)
+            yield fate
 
     mails = [message(original, 0), message(reply, 1)]
     done = list(backfill(pipeline.sessions, mails, run))
