@@ -139,14 +139,24 @@ class IncomingMail:
     lease_owner: str | None = None  # the processing lease held while the stages run
     # Milliseconds each stage took, by stage value, in the order they ran (a failing stage too)
     timings: dict[str, float] = field(default_factory=dict)
+    stage_started: float | None = None  # perf_counter() when the running stage began
 
     @contextmanager
     def in_stage(self, stage: Stage) -> Iterator[None]:
         """Run the body as `stage`: it names where a failure happened, and its duration goes
         into `timings` whether it finished or raised."""
         self.stage = stage
-        started = time.perf_counter()
+        self.stage_started = started = time.perf_counter()
         try:
             yield
         finally:
             self.timings[stage.value] = round((time.perf_counter() - started) * 1000, 3)
+            self.stage_started = None
+
+    def timings_so_far(self) -> dict[str, float]:
+        """`timings`, with the running stage's milliseconds up to now: the `store` stage writes
+        them with the fate, in its one ledger update, while it still runs."""
+        if self.stage is None or self.stage_started is None:
+            return dict(self.timings)
+        running = round((time.perf_counter() - self.stage_started) * 1000, 3)
+        return {**self.timings, self.stage.value: running}

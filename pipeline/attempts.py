@@ -65,5 +65,5 @@ def stage_timings(mail: IncomingMail, *, failed: bool = False) -> list[dict[str,
     stage that raised is marked."""
     return [
         {"stage": stage, "ms": ms, **({"failed": True} if failed and stage == mail.stage else {})}
-        for stage, ms in mail.timings.items()
+        for stage, ms in mail.timings_so_far().items()
     ]

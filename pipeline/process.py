@@ -200,7 +200,6 @@ def _decide_and_store(ctx: PipelineContext, mail: IncomingMail, chain: Chain | N
             with mail.in_stage(stage):
                 run(mail, ctx, session)
         assert mail.fate is not None, "the decide stage settles every message"
-        repo.set_stage_timings(session, mail.inbound_id, stage_timings(mail))
         record_attempt(session, mail.inbound_id, mail.fate)
         taken = chain.take(session) if chain else None
     if chain:

@@ -8,6 +8,7 @@ import hashlib
 from sqlalchemy.orm import Session
 
 from ingest.mail import IncomingMail, ParsedMail
+from pipeline.attempts import stage_timings
 from storage import repo
 from storage.models import Attachment, Ticket, TicketComment, TicketSuggestion
 from storage.states import Fate
@@ -41,6 +42,7 @@ def store(session: Session, mail: IncomingMail, key_prefix: str) -> None:
         defects=parsed.defects,
         rule_hits=decision.rule_hits if decision else [],
         rule_misses=decision.rule_misses if decision else [],
+        stage_timings=stage_timings(mail),
     )
     if fate in (Fate.TICKET, Fate.COMMENT) and ticket_id is not None:
         repo.notify_ticket(session, ticket_id)  # delivered to listeners on commit

@@ -238,8 +238,10 @@ def set_fate(
     defects: list[str] | None = None,
     rule_hits: list[str] | None = None,
     rule_misses: list[str] | None = None,
+    stage_timings: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Write a message's fate and release its processing lease."""
+    """Write a message's fate (with how long each stage took) and release its processing
+    lease."""
     session.execute(
         update(InboundMessage)
         .where(InboundMessage.id == inbound_id)
@@ -251,6 +253,7 @@ def set_fate(
             defects=defects or [],
             rule_hits=rule_hits or [],
             rule_misses=rule_misses or [],
+            stage_timings=stage_timings,
             fail_stage=None,
             error=None,
             next_attempt_at=None,
@@ -258,13 +261,6 @@ def set_fate(
             **RELEASED,
         ),
         execution_options=UNSYNCED,
-    )
-
-
-def set_stage_timings(session: Session, inbound_id: int, timings: list[dict[str, Any]]) -> None:
-    """Record how long each stage took, in the transaction that stores the fate."""
-    session.execute(
-        update(InboundMessage).where(InboundMessage.id == inbound_id).values(stage_timings=timings)
     )
 
 
