@@ -1115,6 +1115,7 @@ def web_adduser(
         f"      role: {entry['role']}\n      password_hash: '{entry['password_hash']}'",
         highlight=False,
         markup=False,
+        soft_wrap=True,  # a hash cut across lines would not load as YAML
     )
 
 

@@ -58,12 +58,16 @@ def rules_alone(
     settings: Settings, sessions: sessionmaker[Session], rules: CompiledRules
 ) -> Callable[[int], tuple[str | None, str | None]]:
     """What the rules alone (no triage suggestion) decide for a stored message, by ledger id:
-    (category, assignee); the baseline `triage eval` compares the model with."""
+    (category, assignee); the baseline `triage eval` compares the model with. A message whose
+    raw bytes retention dropped (`purge`) cannot be routed again: (None, None)."""
     router = DryRouter(settings, sessions, rules, suggest=False)
 
     def decide(inbound_id: int) -> tuple[str | None, str | None]:
         with sessions() as session:
-            mail = incoming_mail(session.get_one(InboundMessage, inbound_id))
+            row = session.get_one(InboundMessage, inbound_id)
+            if row.raw_purged:
+                return None, None
+            mail = incoming_mail(row)
         router.route(mail)
         decision = mail.decision
         return (decision.category, decision.assignee) if decision else (None, None)

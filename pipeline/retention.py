@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -61,7 +62,7 @@ def purge(
     emptied = [0, 0]
     jobs: tuple[tuple[int, list[Any], Callable[[Session, Any], int]], ...] = (
         (0, [i for i, _size in plan.messages], repo.purge_raw),
-        (1, [sha for sha, _size in plan.blobs], repo.purge_blobs),
+        (1, [sha for sha, _size in plan.blobs], partial(repo.purge_blobs, before=plan.before)),
     )
     for slot, keys, empty in jobs:
         for start in range(0, len(keys), BATCH):

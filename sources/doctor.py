@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -81,7 +82,9 @@ def diagnose(config: Path | None) -> list[Check]:
         ]
     chosen = config_path(config)
     where = f"{chosen}: valid" if chosen.exists() else f"no {chosen}: built-in defaults"
-    checks = [ok("config", where + " (with MAILINTAKE_* variables)")]
+    if any(name.startswith("MAILINTAKE_") for name in os.environ):
+        where += " (with MAILINTAKE_* variables)"
+    checks = [ok("config", where)]
     checks += database_checks(settings)
     checks += rules_checks(settings)
     checks.append(templates_check(settings))
@@ -100,7 +103,7 @@ def database_checks(settings: Settings) -> list[Check]:
             ok("database", "the SQLite file does not exist yet: `serve` creates it at start"),
             skip("database schema", "created at the newest migration with the file"),
         ]
-    engine = db.make_engine(url, busy_timeout_ms=settings.database.busy_timeout_ms)
+    engine = db.make_engine(url, **settings.database.engine_options())
     try:
         current = db.current_revision(engine)
     except SQLAlchemyError as exc:

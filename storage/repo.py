@@ -219,11 +219,17 @@ def _dialect_insert(session: Session) -> Any:
 
 
 def save_blob(session: Session, sha256: str, content: bytes) -> None:
-    """Store attachment content once per sha256, safe against concurrent writers."""
+    """Store attachment content once per sha256, safe against concurrent writers; content that
+    retention emptied (`purge`) is put back when a new message brings the same bytes."""
+    insert = _dialect_insert(session)(AttachmentBlob).values(
+        sha256=sha256, size=len(content), content=content
+    )
     session.execute(
-        _dialect_insert(session)(AttachmentBlob)
-        .values(sha256=sha256, size=len(content), content=content)
-        .on_conflict_do_nothing(index_elements=["sha256"])
+        insert.on_conflict_do_update(
+            index_elements=["sha256"],
+            set_={"content": insert.excluded.content},
+            where=func.length(AttachmentBlob.content) == 0,
+        )
     )
 
 
@@ -673,22 +679,13 @@ def raw_to_purge(session: Session, before: datetime) -> Sequence[Row[int, int]]:
 def blobs_to_purge(session: Session, before: datetime) -> Sequence[Row[str, int]]:
     """(sha256, bytes) of attachment contents that only messages `purge` empties refer to: a
     blob one other message (newer, failed, unprocessed) shares keeps its content."""
-    other = aliased(InboundMessage)
-    still_needed = (
-        select(Attachment.id)
-        .join(other, other.id == Attachment.inbound_message_id)
-        .where(
-            Attachment.sha256 == AttachmentBlob.sha256,
-            or_(other.status.not_in(FINAL), other.received_at >= before),
-        )
-    )
     stored = func.length(AttachmentBlob.content)
     query = (
         select(AttachmentBlob.sha256, stored)
         .where(
             stored > 0,
             select(Attachment.id).where(Attachment.sha256 == AttachmentBlob.sha256).exists(),
-            ~still_needed.exists(),
+            ~_blob_still_needed(before),
         )
         .order_by(AttachmentBlob.sha256)
     )
@@ -711,9 +708,28 @@ def purge_raw(session: Session, ids: Sequence[int]) -> int:
     return _rows_updated(session, statement)
 
 
-def purge_blobs(session: Session, digests: Sequence[str]) -> int:
-    """Empty these attachment contents; the blob keeps its sha256 and size."""
-    statement = update(AttachmentBlob).where(AttachmentBlob.sha256.in_(digests)).values(content=b"")
+def _blob_still_needed(before: datetime) -> ColumnElement[bool]:
+    """A message that keeps its bytes (newer than `before`, or not final) uses the blob."""
+    other = aliased(InboundMessage)
+    return (
+        select(Attachment.id)
+        .join(other, other.id == Attachment.inbound_message_id)
+        .where(
+            Attachment.sha256 == AttachmentBlob.sha256,
+            or_(other.status.not_in(FINAL), other.received_at >= before),
+        )
+        .exists()
+    )
+
+
+def purge_blobs(session: Session, digests: Sequence[str], before: datetime) -> int:
+    """Empty these attachment contents, unless a message stored since they were chosen needs
+    them; the blob keeps its sha256 and size."""
+    statement = (
+        update(AttachmentBlob)
+        .where(AttachmentBlob.sha256.in_(digests), ~_blob_still_needed(before))
+        .values(content=b"")
+    )
     return _rows_updated(session, statement)
 
 

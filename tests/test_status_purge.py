@@ -86,6 +86,8 @@ class Store:
             assert process(ctx, inbound_id) in (Fate.TICKET, Fate.DUPLICATE)
             return inbound_id
 
+        self.ticket = ticket
+
         self.old_ticket = ticket(old_mail)
         self.old_duplicate = ticket(old_mail)
         self.old_shared = ticket(simple_mail("old, shared", attachments=shared))
@@ -209,6 +211,17 @@ def test_purge_drops_bytes_of_final_messages_only(
         assert view_rows == 7
     again = run_json(cli, "purge", "--raw-older-than", "180d", "--yes")
     assert (again["messages"], again["attachment_blobs"]) == (0, 0)
+
+
+def test_a_new_message_brings_purged_attachment_bytes_back(
+    cli: Any, store: Store, sessions: sessionmaker[Session]
+) -> None:
+    cli("purge", "--raw-older-than", "180d", "--yes")
+    alone = repo_sha(PDF_ALONE)
+    assert store.bytes_now()[alone] == b""
+    again = simple_mail("the same PDF again", attachments=[("a.pdf", "application/pdf", PDF_ALONE)])
+    store.ticket(again)
+    assert store.bytes_now()[alone] == PDF_ALONE
 
 
 def repo_sha(content: bytes) -> str:

@@ -240,6 +240,11 @@ def test_the_rules_file_refuses_a_misspelt_suggestion_target(tmp_path):
             {"topic": "シャブリ2022を12本、年内に納品可能か確認したいとのことです。\n見積書も"},
             "シャブリ2022を12本、年内に納品可能か確認したいとのことです。",
         ),
+        (  # the README's answering-service sample: a request, not a self-introduction
+            "",
+            {"topic": "①ボルドー赤の在庫確認 ②見積書の送付をご希望です。"},
+            "①ボルドー赤の在庫確認 ②見積書の送付をご希望です。",
+        ),
         ("いつもお世話になっております。\n\nよろしくお願いいたします。", {}, "件名だけ"),
         ("Ｄｅａｒ　Ｍｒ．Ｓａｔｏ，\n" + "あ" * 200, {}, "あ" * (MAX_CHARS - 1) + "…"),
     ],

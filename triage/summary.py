@@ -32,7 +32,7 @@ GREETING = compile_regex(
     r"|thank you for (?:your|the) (?:reply|email|e-mail|message|mail)"
     r"|(?:i hope|hope) (?:this|you)"
     r"|.{0,40}(?:と申します|でございます)"
-    r"|[^、,]{0,30}の[^、,]{1,8}(?:です|でございます)。?$"
+    r"|[^、,\s]{0,30}の[^、,\sをがはにへと]{1,8}(?:です|でございます)。?$"
     r"|(?:よろしく|宜しく)お願い"
     r"|(?:以上|取り急ぎ|引き続き)"
     r")"
