@@ -3,10 +3,12 @@
 
 `EXAMINE_STAGES` need no database and run before any transaction (parse, detect, extract);
 `rules test` and `parse` run them too. `DECIDING_STAGES` run in one transaction, committed
-together or not at all: claim the row, recognise a re-delivery, find the ticket a reply
-answers, ask the triage model (when one is stored), route, make the one decision "ticket,
-comment, duplicate or drop", pick the assignee (only for a certain new ticket, so nothing else
-moves a round-robin cursor), store.
+together or not at all: recognise a re-delivery, find the ticket a reply answers, ask the
+triage model (when one is stored), route, make the one decision "ticket, comment, duplicate or
+drop", claim the row, pick the assignee (only for a certain new ticket, so nothing else moves a
+round-robin cursor), store. The stages before `claim` only read: its UPDATE is the first write,
+which on SQLite takes the one write lock of the database, so the lock is not held while routing
+runs (the SMTP listener waits on it to commit new mail).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def extract_stage(mail: IncomingMail, ctx: PipelineContext) -> None:
 
 
 def claim_stage(mail: IncomingMail, ctx: PipelineContext, session: Session) -> None:
-    """Lock the row for this transaction while this thread holds its lease."""
+    """Lock the row for this transaction while this thread holds its lease: the first write,
+    after the stages that only read (a lost lease costs their work, never a write)."""
     if mail.lease_owner is None or not repo.claim(session, mail.inbound_id, mail.lease_owner):
         raise NotOurs(mail.inbound_id)
 
@@ -134,12 +137,12 @@ EXAMINE_STAGES: tuple[tuple[Stage, ExamineStage], ...] = (
     (Stage.EXTRACT, extract_stage),
 )
 DECIDING_STAGES: tuple[tuple[Stage, DecidingStage], ...] = (
-    (Stage.CLAIM, claim_stage),
     (Stage.DEDUPE, dedupe_stage),
     (Stage.FOLLOW_UP, follow_up_stage),
     (Stage.SUGGEST, suggest_stage),
     (Stage.ROUTE, route_stage),
     (Stage.DECIDE, decide_stage),
+    (Stage.CLAIM, claim_stage),
     (Stage.ASSIGN, assign_stage),
     (Stage.STORE, store_stage),
 )

@@ -247,27 +247,43 @@ def set_fate(
     stage_timings: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write a message's fate (with how long each stage took) and release its processing
-    lease."""
-    session.execute(
-        update(InboundMessage)
-        .where(InboundMessage.id == inbound_id)
-        .values(
-            status=status,
-            ticket_id=ticket_id,
-            duplicate_of_id=duplicate_of_id,
-            drop_reason=drop_reason,
-            defects=defects or [],
-            rule_hits=rule_hits or [],
-            rule_misses=rule_misses or [],
-            stage_timings=stage_timings,
-            fail_stage=None,
-            error=None,
-            next_attempt_at=None,
-            processed_at=utcnow(),
-            **RELEASED,
-        ),
-        execution_options=UNSYNCED,
+    lease. The statement is built once (`_SET_FATE`): building it per message took a
+    third of the time the processing transaction holds SQLite's write lock in its store stage."""
+    params = {
+        "inbound_id": inbound_id,
+        "fate": status,
+        "fate_ticket_id": ticket_id,
+        "fate_duplicate_of_id": duplicate_of_id,
+        "fate_drop_reason": drop_reason,
+        "fate_defects": defects or [],
+        "fate_rule_hits": rule_hits or [],
+        "fate_rule_misses": rule_misses or [],
+        "fate_stage_timings": stage_timings,
+        "fate_processed_at": utcnow(),
+    }
+    session.execute(_SET_FATE, params)
+
+
+_SET_FATE = (
+    update(InboundMessage)
+    .where(InboundMessage.id == bindparam("inbound_id"))
+    .values(
+        status=bindparam("fate"),
+        ticket_id=bindparam("fate_ticket_id"),
+        duplicate_of_id=bindparam("fate_duplicate_of_id"),
+        drop_reason=bindparam("fate_drop_reason"),
+        defects=bindparam("fate_defects"),
+        rule_hits=bindparam("fate_rule_hits"),
+        rule_misses=bindparam("fate_rule_misses"),
+        stage_timings=bindparam("fate_stage_timings"),
+        fail_stage=None,
+        error=None,
+        next_attempt_at=None,
+        processed_at=bindparam("fate_processed_at"),
+        **RELEASED,
     )
+    .execution_options(**UNSYNCED)
+)
 
 
 def ticket_statuses(session: Session) -> set[str]:

@@ -262,18 +262,19 @@ def test_two_replay_processes_racing_make_one_ticket_per_message(db_url, setting
 
 
 def lock_timeout_router(db_url: str) -> tuple:
-    """A rule that runs into a real lock timeout: another connection wants the row that the
-    pipeline's transaction holds (PostgreSQL: lock_timeout; SQLite: busy timeout)."""
+    """A rule that runs into a real lock timeout: another connection holds the row the rule
+    wants to update (PostgreSQL: lock_timeout; SQLite: busy timeout). The pipeline's own
+    transaction has only read when the rule runs (its `claim` comes after routing)."""
     other: Engine = db.make_engine(db_url, busy_timeout_ms=100)
+    update = text("UPDATE inbound_ledger SET attempts = attempts WHERE id = :id")
 
     def router(mail):
-        with other.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SET LOCAL lock_timeout = '100ms'"))
-            conn.execute(
-                text("UPDATE inbound_ledger SET attempts = attempts WHERE id = :id"),
-                {"id": mail.inbound_id},
-            )
+        with other.begin() as holder:  # as another process's open transaction would
+            holder.execute(update, {"id": mail.inbound_id})
+            with other.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SET LOCAL lock_timeout = '100ms'"))
+                conn.execute(update, {"id": mail.inbound_id})
         raise AssertionError("the update should have timed out")
 
     return router, other
