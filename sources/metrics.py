@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import repo
-from storage.models import utcnow
+from storage.models import waited_seconds
 from storage.states import Fate
 
 if TYPE_CHECKING:
@@ -96,9 +96,7 @@ class LedgerState:
 
     def oldest_age(self, now: datetime | None = None) -> float:
         """Seconds the oldest unprocessed message has waited (0 without one)."""
-        if self.oldest_unprocessed is None:
-            return 0.0
-        return max(0.0, ((now or utcnow()) - self.oldest_unprocessed).total_seconds())
+        return waited_seconds(self.oldest_unprocessed, now)
 
 
 def ledger_state(session: Session) -> LedgerState:

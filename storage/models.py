@@ -30,6 +30,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def waited_seconds(since: datetime | None, now: datetime | None = None) -> float:
+    """Seconds from `since` to `now` (default: this moment), never negative; 0 without `since`
+    (the backlog's age, for `/metrics`, `/readyz` and `mailintake status` alike)."""
+    if since is None:
+        return 0.0
+    return max(0.0, ((now or utcnow()) - since).total_seconds())
+
+
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 

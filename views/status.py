@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from storage import repo
+from storage.models import waited_seconds
 from storage.states import Fate
 
 
@@ -65,7 +66,7 @@ def collect_status(session: Session, now: datetime) -> StoreStatus:
         at=now,
         backlog=by_status.get(Fate.RECEIVED, 0),
         oldest_unprocessed_at=oldest,
-        oldest_unprocessed_age_seconds=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
+        oldest_unprocessed_age_seconds=waited_seconds(oldest, now),
         by_status={fate.value: by_status.get(fate, 0) for fate in Fate},
         failed_by_stage=repo.failures_by_stage(session),
         retries_scheduled=repo.retries_scheduled(session),
