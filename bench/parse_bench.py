@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mailparser
-from ingest.files import MessageSource
 
 from ingest.parse import UnreadableMail, parse
+from sources.files import MessageSource
 
 EXPECTATION_FILES = {".yml", ".md"}  # as in tests/test_corpus.py: not messages
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"

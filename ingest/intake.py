@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.headers import identity_of
 from ingest.mail import Envelope, IncomingMail
-from storage.models import InboundMessage
+from storage.models import InboundMessage, InboundRaw, utcnow
 from storage.states import Fate
 
 
@@ -25,30 +27,40 @@ def receive(sessions: sessionmaker[Session], raw: bytes, envelope: Envelope) -> 
 def receive_batch(
     sessions: sessionmaker[Session], messages: Sequence[tuple[bytes, Envelope]]
 ) -> list[int]:
-    """Commit several messages in one transaction (a backfill's batch: one commit for all);
-    their row ids, in order. All are stored or, if the commit raises, none."""
+    """Commit several messages in one transaction (a backfill's batch, the SMTP sessions of one
+    group commit); their row ids, in order. All are stored or, if the commit raises, none.
+
+    Two multi-row INSERTs (the ledger rows, then their raw bytes), built once: the ORM's unit of
+    work cost more CPU than the rest of accepting a message."""
     rows = [_ledger_row(raw, envelope) for raw, envelope in messages]
     with sessions.begin() as session:
-        session.add_all(rows)
-    return [row.id for row in rows]
+        ids = list(session.scalars(_INSERT_LEDGER, rows))
+        stored = zip(ids, messages, strict=True)
+        raws = [{"inbound_message_id": i, "raw": raw} for i, (raw, _) in stored]
+        session.execute(_INSERT_RAW, raws)
+    return ids
 
 
-def _ledger_row(raw: bytes, envelope: Envelope) -> InboundMessage:
+_INSERT_LEDGER = insert(InboundMessage).returning(InboundMessage.id, sort_by_parameter_order=True)
+_INSERT_RAW = insert(InboundRaw)
+
+
+def _ledger_row(raw: bytes, envelope: Envelope) -> dict[str, Any]:
     digest = hashlib.sha256(raw).hexdigest()
     message_id, key = identity_of(raw, digest)
-    return InboundMessage(
-        source=envelope.source,
-        raw=raw,
-        size=len(raw),
-        sha256=digest,
-        message_id=message_id,
-        dedupe_key=key,
-        mail_from=envelope.mail_from,
-        rcpt_to=list(envelope.rcpt_to),
-        peer=envelope.peer,
-        envelope=envelope.extra,
-        status=Fate.RECEIVED,
-    )
+    return {
+        "received_at": utcnow(),
+        "source": envelope.source,
+        "size": len(raw),
+        "sha256": digest,
+        "message_id": message_id,
+        "dedupe_key": key,
+        "mail_from": envelope.mail_from,
+        "rcpt_to": list(envelope.rcpt_to),
+        "peer": envelope.peer,
+        "envelope": envelope.extra,
+        "status": Fate.RECEIVED,
+    }
 
 
 def unstored_mail(raw: bytes, envelope: Envelope, received_at: datetime) -> IncomingMail:

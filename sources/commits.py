@@ -1,91 +1,151 @@
-"""Ledger commits off the event loop, in daemon threads that never hold up the process's exit.
+"""Ledger commits off the event loop, grouped: one commit for every message waiting.
+
+Each SMTP/LMTP session's message waits here for a commit; one daemon thread takes all the
+messages waiting (up to MAX_GROUP_MESSAGES and MAX_GROUP_BYTES) and commits them in one
+transaction, then each waiting session answers `250`. Under load the sessions' rows share one
+commit (one fsync) instead of queueing for a commit each (Postgres and MySQL call it group
+commit); a lone message is committed at once, as before. Nothing is acknowledged before its
+group's commit returned.
+
+A group that fails for a reason in its data (a statement error, not a lost connection) is
+committed again one message at a time, so a message the database refuses costs its own sender
+a `451` and never its neighbours'. A database that is down fails the whole group: every sender
+gets `451` and retries.
 
 A commit waiting on a frozen database (a stopped PostgreSQL, a blackholed network after the
 connection was made) can wait longer than any client-side timeout: the server's kernel still
-acknowledges every packet, so no libpq or TCP timeout fires. SMTP has long answered that client
-`451` (`smtp.store_timeout_seconds`); a `ThreadPoolExecutor` thread would still have kept
-`serve` from exiting, since the interpreter joins those threads at exit. These threads are
-daemons: `drain(grace)` waits for the commits in flight up to the shutdown grace, then `serve`
-exits without them. A commit that never finished was never acknowledged: its sender retries.
+acknowledges every packet, so no libpq or TCP timeout fires. SMTP answers that client `451`
+after `smtp.store_timeout_seconds`; the committing thread is a daemon, so it never keeps
+`serve` from exiting: `drain(grace)` waits for the messages in hand up to the shutdown grace,
+then `serve` exits without them. A commit that never finished was never acknowledged: its
+sender retries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# As many commits at once as the receive pool used to run (ThreadPoolExecutor's default on a
-# small machine); the others wait their turn, under the same store timeout.
-DEFAULT_CONCURRENCY = 8
+MAX_GROUP_MESSAGES = 64
+MAX_GROUP_BYTES = 32 * 1024 * 1024  # a group also ends here (after its first message)
 DRAIN_POLL_SECONDS = 0.05
 
 
-class CommitThreads:
-    """Runs blocking calls in daemon threads, at most `concurrency` at once."""
+@dataclass
+class Waiting(Generic[T]):
+    item: T
+    size: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[int]
 
-    def __init__(self, concurrency: int = DEFAULT_CONCURRENCY) -> None:
-        self._slots = asyncio.Semaphore(concurrency)
-        self.running = 0  # threads started and not finished (changed on the loop's thread only)
 
-    async def run(self, call: Callable[..., T], *args: object) -> T:
-        """`call(*args)` in a thread of its own; its result or its exception."""
-        async with self._slots:
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[T] = loop.create_future()
-            self.running += 1
-            thread = threading.Thread(
-                target=self._thread_main,
-                args=(loop, future, call, args),
-                name="mailintake-receive",
-                daemon=True,
-            )
-            thread.start()
-            return await asyncio.shield(future)
+class GroupCommitter(Generic[T]):
+    """`commit(items) -> ids` run in one daemon thread over every item waiting at the time."""
 
-    def _thread_main(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future[T],
-        call: Callable[..., T],
-        args: tuple[object, ...],
-    ) -> None:
-        result: T | None = None
-        error: BaseException | None = None
+    def __init__(self, commit: Callable[[Sequence[T]], list[int]]) -> None:
+        self._commit = commit
+        self._waiting: list[Waiting[T]] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.in_hand = 0  # items handed in and not settled (read on the loop's thread)
+
+    async def run(self, item: T, size: int) -> int:
+        """Commit `item` (of `size` bytes) with whatever else is waiting; its row id."""
+        loop = asyncio.get_running_loop()
+        waiting = Waiting(item, size, loop, loop.create_future())
+        with self._wake:
+            self._start()
+            self._waiting.append(waiting)
+            self._wake.notify()
+        self.in_hand += 1
         try:
-            result = call(*args)
-        except BaseException as exc:  # handed to the awaiting coroutine
-            error = exc
-        self._settle(loop, future, result, error)
-
-    def _settle(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future[T],
-        result: T | None,
-        error: BaseException | None,
-    ) -> None:
-        def settle() -> None:
-            self.running -= 1
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)  # type: ignore[arg-type]
-
-        # A closed loop: serve has exited without this commit.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle)
+            return await asyncio.shield(waiting.future)
+        finally:
+            self.in_hand -= 1
 
     async def drain(self, grace: float) -> int:
-        """Wait up to `grace` seconds for the commits in flight; how many are still waiting."""
+        """Wait up to `grace` seconds for the messages in hand; how many are still waiting."""
         deadline = time.monotonic() + grace
-        while self.running and time.monotonic() < deadline:
+        while self.in_hand and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
-        return self.running
+        return self.in_hand
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._thread_main, name="mailintake-commit", daemon=True
+            )
+            self._thread.start()
+
+    def _thread_main(self) -> None:
+        while True:
+            group = self._take_group()
+            for waiting, outcome in zip(group, self._commit_group(group), strict=True):
+                _settle(waiting, outcome)
+
+    def _take_group(self) -> list[Waiting[T]]:
+        """The oldest waiting messages, up to the group's bounds; blocks until there is one."""
+        with self._wake:
+            while not self._waiting:
+                self._wake.wait()
+            count, size = 0, 0
+            for waiting in self._waiting:
+                if count and (count >= MAX_GROUP_MESSAGES or size + waiting.size > MAX_GROUP_BYTES):
+                    break
+                count, size = count + 1, size + waiting.size
+            group, self._waiting = self._waiting[:count], self._waiting[count:]
+            return group
+
+    def _commit_group(self, group: list[Waiting[T]]) -> list[int | BaseException]:
+        try:
+            return list(self._commit([waiting.item for waiting in group]))
+        except BaseException as exc:  # settles the waiting sessions: they answer 451
+            if len(group) == 1 or not refused_for_its_data(exc):
+                return [exc] * len(group)
+            log.warning(
+                "a group of %d messages was refused (%s: %s); committing them one by one",
+                len(group),
+                type(exc).__name__,
+                exc,
+            )
+            return [self._commit_one(waiting) for waiting in group]
+
+    def _commit_one(self, waiting: Waiting[T]) -> int | BaseException:
+        try:
+            return self._commit([waiting.item])[0]
+        except BaseException as exc:
+            return exc
+
+
+def refused_for_its_data(error: BaseException) -> bool:
+    """The database refused a statement (a constraint, a value), with the connection alive:
+    committing the group's messages one by one can store the others."""
+    return isinstance(error, DBAPIError) and not isinstance(
+        error, OperationalError | InterfaceError
+    )
+
+
+def _settle(waiting: Waiting[T], outcome: int | BaseException) -> None:
+    def settle() -> None:
+        if waiting.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            waiting.future.set_exception(outcome)
+        else:
+            waiting.future.set_result(outcome)
+
+    # A closed loop: serve has exited without this commit.
+    with contextlib.suppress(RuntimeError):
+        waiting.loop.call_soon_threadsafe(settle)

@@ -1,7 +1,8 @@
 """`mailintake serve`: the listeners, background tasks and the processing workers.
 
-The event loop only talks SMTP/LMTP. Committing a message (`intake.receive`) runs in a thread
-(sources/commits.py) so a slow commit never blocks other sessions; processing (parse, rules,
+The event loop only talks SMTP/LMTP. Committing a message (`intake.receive_batch`) runs in a
+thread, together with the other sessions' messages waiting at the time (group commit,
+sources/commits.py), so a slow commit never blocks the loop; processing (parse, rules,
 ticket) runs in worker processes (`WorkerPool`, `processing.mode: process`) or in a
 `ProcessingWorker` thread (`processing.mode: thread`, and tests that bring their own pipeline),
 woken after every commit, so no sender waits for it (sources/workers.py).
@@ -38,10 +39,10 @@ from functools import partial
 from starlette.routing import BaseRoute
 
 from config import ListenerSettings, Settings
-from ingest.intake import receive
+from ingest.intake import receive_batch
 from ingest.mail import Envelope
 from pipeline.process import PipelineContext
-from sources.commits import CommitThreads
+from sources.commits import GroupCommitter
 from sources.http import HttpListener, Readiness, create_app
 from sources.imap import FolderFetcher, Hooks, fetch_until_stopped, folder_fetchers
 from sources.metrics import Metrics, Parts
@@ -120,7 +121,7 @@ class Service:
         self.metrics = Metrics(pipeline.sessions, self.parts, multiprocess_dir)
         self.http: HttpListener | None = None
         self.http_routes: list[BaseRoute] = []  # more for the HTTP listener (the web pages)
-        self._commits: CommitThreads | None = None
+        self._commits: GroupCommitter[tuple[bytes, Envelope]] | None = None
 
     def _fetched(self, _inbound_id: int) -> None:
         self.metrics.received.labels("imap").inc()
@@ -139,16 +140,17 @@ class Service:
         return next(listener.address for listener in self.listeners if listener.name == name)
 
     async def store(self, raw: bytes, envelope: Envelope) -> int:
-        """Commit a message to the ledger (in a thread) and wake the worker; raises on failure."""
+        """Commit a message to the ledger (in a thread, with the other sessions' messages
+        waiting at the time: sources/commits.py) and wake the worker; raises on failure."""
         assert self._commits is not None, "store() is only available while the service runs"
-        inbound_id = await self._commits.run(receive, self.pipeline.sessions, raw, envelope)
+        inbound_id = await self._commits.run((raw, envelope), len(raw))
         self.metrics.received.labels(envelope.source).inc()
         self.worker.wake()
         return inbound_id
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until `stop` is set, then shut down gracefully. Raises ListenerError."""
-        self._commits = CommitThreads()
+        self._commits = GroupCommitter(partial(receive_batch, self.pipeline.sessions))
         tasks: list[asyncio.Task[None]] = []
         try:
             await self._listen()

@@ -14,6 +14,8 @@ from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.writelock import connection_factory
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
@@ -38,25 +40,29 @@ def make_engine(
     parsed = make_url(url)
     pool = {} if pool_timeout_seconds is None else {"pool_timeout": pool_timeout_seconds}
     if parsed.get_backend_name() != "sqlite":
-        connect_args = _postgres_connect_args(
-            parsed, connect_timeout_seconds, statement_timeout_ms, lock_timeout_ms
-        )
         return create_engine(
             url,
             echo=echo,
             pool_pre_ping=True,
             hide_parameters=True,
-            connect_args=connect_args,
+            connect_args=_postgres_connect_args(
+                parsed, connect_timeout_seconds, statement_timeout_ms, lock_timeout_ms
+            ),
             **pool,
         )
     in_memory = parsed.database in (None, "", ":memory:")
+    connect_args: dict[str, Any] = {"timeout": busy_timeout_ms / 1000}
     if not in_memory:
         Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
+        # Writers take turns on a lock file rather than in SQLite's busy handler (writelock.py).
+        database = str(parsed.database)
+        if not database.startswith("file:"):
+            connect_args["factory"] = connection_factory(database, busy_timeout_ms / 1000)
     engine = create_engine(
         url,
         echo=echo,
         hide_parameters=True,
-        connect_args={"timeout": busy_timeout_ms / 1000},
+        connect_args=connect_args,
         # An in-memory database has one connection per thread: no pool to wait for.
         **({} if in_memory else pool),
     )
