@@ -23,7 +23,7 @@ from storage.models import InboundMessage
 from tests.mails import simple_mail
 
 Item = tuple[bytes, Envelope]
-SMTP = Envelope(source="smtp", mail_from="customer@example.com", rcpt_to=["inquiry@example.jp"])
+SMTP = Envelope(source="smtp", mail_from="customer@example.com", rcpt_to=("inquiry@example.jp",))
 
 
 class GatedCommit:
