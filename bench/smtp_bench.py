@@ -3,6 +3,7 @@
     .venv/bin/python bench/smtp_bench.py [--small 2000] [--large 300] [--sessions 8]
                                          [--rate 100] [--seconds 60] [--workers 1]
                                          [--database-url URL] [--skip-paced]
+                                         [--tree PATH ...]
 
 In one run, against each server (each started fresh on a free port; mailintake with a fresh
 throw-away SQLite database per start, or `--database-url` (its backlogs then add up), and
@@ -12,7 +13,10 @@ processing in `--workers` worker processes, as in production):
 2. a paced asyncio client offers `--rate` messages per second for `--seconds` seconds over 8
    connections and times, per message, the end of DATA to the reply: p50 and p99;
 3. for mailintake, the backlog: ledger rows still `received` when the senders finish.
-It prints the figures and the ratios to aiosmtpd's do-nothing server. A benchmark, not a test.
+It prints the figures and the ratios to aiosmtpd's do-nothing server. `--tree PATH` (repeatable)
+also runs `mailintake serve` from another checkout of the project (say, `git archive` of an
+earlier commit), in the same run: before/after figures on equally loaded machines. A benchmark,
+not a test.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -112,7 +117,10 @@ def start_sink() -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-def start_mailintake(url: str, workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_mailintake(
+    url: str, workdir: Path, workers: int, tree: Path | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`mailintake serve` of this checkout, or of `tree` (its modules first on the path)."""
     log_path = workdir / f"serve-{time.monotonic_ns()}.log"
     env = os.environ | {
         "MAILINTAKE_DATABASE__URL": url,
@@ -124,6 +132,9 @@ def start_mailintake(url: str, workdir: Path, workers: int) -> tuple[subprocess.
     }
     env.pop("MAILINTAKE_CONFIG", None)
     command = [str(Path(sys.executable).parent / "mailintake"), "serve"]
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+        command = [sys.executable, "-c", "import cli; cli.main()", "serve"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, cwd=workdir, env=env, stderr=log)
     deadline = time.monotonic() + 120
@@ -137,6 +148,12 @@ def start_mailintake(url: str, workdir: Path, workers: int) -> tuple[subprocess.
         time.sleep(0.1)
     proc.kill()
     sys.exit(f"mailintake serve did not start:\n{log_path.read_text(errors='replace')}")
+
+
+def start_tree(
+    ledger: Ledger, workdir: Path, workers: int, tree: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    return start_mailintake(ledger.fresh(), workdir, workers, tree.resolve())
 
 
 def smtp_source(port: int, messages: int, size: int, sessions: int) -> float:
@@ -331,6 +348,9 @@ def main() -> None:
     parser.add_argument("--database-url", help="default: a throw-away SQLite file")
     parser.add_argument("--skip-paced", action="store_true")
     parser.add_argument("--only", help="comma-separated: aiosmtpd,mailintake,smtp-sink")
+    parser.add_argument(
+        "--tree", type=Path, action="append", default=[], help="also run serve from this checkout"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="smtp-bench-") as tmp:
         workdir = Path(tmp)
@@ -343,6 +363,14 @@ def main() -> None:
                 ledger.backlog,
             ),
         ]
+        for tree in args.tree:
+            servers.append(
+                Server(
+                    f"mailintake serve @ {tree} ({args.workers} worker)",
+                    partial(start_tree, ledger, workdir, args.workers, tree),
+                    ledger.backlog,
+                )
+            )
         if Path(shutil.which("smtp-sink") or "/usr/sbin/smtp-sink").exists():
             servers.append(Server("smtp-sink", start_sink))
         if args.only:
