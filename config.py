@@ -201,9 +201,6 @@ class ProcessingSettings(Section):
 
     mode: Literal["process", "thread"] = "process"
     workers: int = Field(default=1, ge=1, le=64)
-    # Worker processes run this much nicer than the listener: in a burst the CPU answers
-    # senders first and processing catches up after (0: the same priority).
-    nice: int = Field(default=10, ge=0, le=19)
     rescan_seconds: float = Field(default=30, gt=0)  # also picks up due retries and leftovers
     # /readyz fails once the oldest unprocessed message has waited this long.
     stall_after_seconds: float = Field(default=600, gt=0)

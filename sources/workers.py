@@ -161,7 +161,6 @@ class WorkerSpec:
 
 def worker_main(spec: WorkerSpec, control: Connection) -> None:
     """Entry point of a worker process (spawned: a fresh interpreter)."""
-    os.nice(spec.settings.processing.nice)  # senders first (processing.nice)
     _setup_logging(spec)
     if spec.metrics_dir is not None:
         write_to_directory(spec.metrics_dir)

@@ -155,14 +155,6 @@ def test_two_workers_make_every_ticket_and_sigterm_leaves_no_worker(serve):
         assert f"{name} stopped" in serve.child.output
 
 
-def test_workers_run_nicer_than_the_listener(serve):
-    """`processing.nice` (10 by default): in a burst the CPU answers senders first."""
-    wait_for_started_workers(serve)
-    listener = os.getpriority(os.PRIO_PROCESS, serve.child.proc.pid)
-    for pid in serve.worker_pids().values():
-        assert os.getpriority(os.PRIO_PROCESS, pid) == min(listener + 10, 19)
-
-
 def test_a_killed_worker_is_restarted_and_every_message_is_one_ticket(serve):
     wait_for_started_workers(serve)
     [held] = serve.send(hold_mail())
