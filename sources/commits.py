@@ -59,6 +59,7 @@ class GroupCommitter(Generic[T]):
         self._waiting: list[Waiting[T]] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.in_hand = 0  # items handed in and not settled (read on the loop's thread)
 
     async def run(self, item: T, size: int) -> int:
@@ -66,6 +67,8 @@ class GroupCommitter(Generic[T]):
         loop = asyncio.get_running_loop()
         waiting = Waiting(item, size, loop, loop.create_future())
         with self._wake:
+            if self._closed:
+                raise RuntimeError("the ledger committer is closed (serve is stopping)")
             self._start()
             self._waiting.append(waiting)
             self._wake.notify()
@@ -82,6 +85,12 @@ class GroupCommitter(Generic[T]):
             await asyncio.sleep(DRAIN_POLL_SECONDS)
         return self.in_hand
 
+    def close(self) -> None:
+        """The thread ends once nothing waits (at shutdown, after `drain`)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+
     def _start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(
@@ -90,15 +99,15 @@ class GroupCommitter(Generic[T]):
             self._thread.start()
 
     def _thread_main(self) -> None:
-        while True:
-            group = self._take_group()
+        while group := self._take_group():
             for waiting, outcome in zip(group, self._commit_group(group), strict=True):
                 _settle(waiting, outcome)
 
     def _take_group(self) -> list[Waiting[T]]:
-        """The oldest waiting messages, up to the group's bounds; blocks until there is one."""
+        """The oldest waiting messages, up to the group's bounds; blocks until there is one
+        (none: closed)."""
         with self._wake:
-            while not self._waiting:
+            while not self._waiting and not self._closed:
                 self._wake.wait()
             count, size = 0, 0
             for waiting in self._waiting:

@@ -251,6 +251,7 @@ class Service:
             left = await self._commits.drain(grace)
             if left:
                 log.warning("%d commit(s) still waiting for the database after %.0f s", left, grace)
+            self._commits.close()
         stopped = await asyncio.get_running_loop().run_in_executor(None, self.worker.stop, grace)
         if not stopped:
             log.warning("processing did not finish within %.0f s; it resumes on next start", grace)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import pytest
 from sqlalchemy import select, text
@@ -96,6 +97,22 @@ def test_a_refused_message_fails_alone_and_its_group_is_stored(tmp_path):
     # the group, then each of its messages alone
     assert gated.groups == [raws[:1], raws[1:], raws[1:2], raws[2:3], raws[3:4]]
     engine.dispose()
+
+
+def test_close_ends_the_thread_and_refuses_more(sessions):
+    committer: GroupCommitter[Item] = GroupCommitter(partial(receive_batch, sessions))
+    raw = simple_mail()
+
+    async def one_then_close() -> None:
+        await committer.run((raw, SMTP), len(raw))
+        committer.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await committer.run((raw, SMTP), len(raw))
+
+    asyncio.run(one_then_close())
+    assert committer._thread is not None
+    committer._thread.join()  # returns: the thread ended
+    assert list(stored(sessions).values()) == [raw]
 
 
 @pytest.mark.postgres
