@@ -12,7 +12,10 @@ processing in `--workers` worker processes, as in production):
    from its wall time (the asyncio client instead when smtp-source is not installed);
 2. a paced asyncio client offers `--rate` messages per second for `--seconds` seconds over 8
    connections and times, per message, the end of DATA to the reply: p50 and p99;
-3. for mailintake, the backlog: ledger rows still `received` when the senders finish.
+3. for mailintake, the backlog: ledger rows still `received` when the senders finish;
+4. for every server, the CPU its own process used per message in the bursts (the listener's
+   cost; mailintake's worker processes are not counted there) and, for mailintake, how many
+   cores its workers used meanwhile: what a burst costs, apart from what the machine gave.
 It prints the figures and the ratios to aiosmtpd's do-nothing server. `--tree PATH` (repeatable)
 also runs `mailintake serve` from another checkout of the project (say, `git archive` of an
 earlier commit), in the same run: before/after figures on equally loaded machines. A benchmark,
@@ -154,6 +157,21 @@ def start_tree(
     ledger: Ledger, workdir: Path, workers: int, tree: Path
 ) -> tuple[subprocess.Popen[bytes], int]:
     return start_mailintake(ledger.fresh(), workdir, workers, tree.resolve())
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (mailintake's workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (Linux /proc); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def smtp_source(port: int, messages: int, size: int, sessions: int) -> float:
@@ -309,15 +327,26 @@ def run(server: Server, args: argparse.Namespace) -> None:
     for label, count, size in (("2 KB", args.small, SMALL), ("260 KB", args.large, LARGE)):
         proc, port = server.start()
         try:
+            workers = child_pids(proc.pid)
+            cpu_before = [cpu_seconds(pid) for pid in (proc.pid, *workers)]
+            started = time.perf_counter()
             if have_source:
                 rate = smtp_source(port, count, size, args.sessions)
             else:
                 rate = asyncio.run(burst(port, count, size, args.sessions))
+            wall = time.perf_counter() - started
+            used = [
+                cpu_seconds(pid) - b
+                for pid, b in zip((proc.pid, *workers), cpu_before, strict=True)
+            ]
             backlog = server.backlog()  # when the senders are done
         finally:
             stop(proc)
         server.rates[label] = rate
         extra = f", backlog {backlog} received" if backlog is not None else ""
+        extra += f", listener CPU {used[0] / count * 1000:.2f} ms/msg"
+        if workers:
+            extra += f", workers {sum(used[1:]) / wall:.2f} cores"
         server.results[label] = f"{rate:.0f} msg/s{extra}"
         print(f"{server.name}: {count} x {label}: {server.results[label]}", flush=True)
     if args.skip_paced:
