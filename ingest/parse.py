@@ -44,6 +44,7 @@ from ingest.charsets import CONTROL_CHARS, as_re2_text, decode_bytes
 from ingest.headers import (
     BOM,
     decode_header_value,
+    header_end,
     message_ids,
     raw_header,
     raw_headers,
@@ -495,12 +496,6 @@ def _fallback_name(ctype: str, number: int) -> str:
     return f"attachment-{number}{extension}"
 
 
-def _header_block(content: bytes) -> bytes:
-    """The header fields of a message, up to the first empty line."""
-    ends = (content.find(sep) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"))
-    return content[: min((end for end in ends if end >= 0), default=len(content))]
-
-
 class _Walker:
     """Collects text, HTML and attachments from a MIME tree, and the parser's defects."""
 
@@ -572,7 +567,7 @@ class _Walker:
         encoding = (raw_header(part, "Content-Transfer-Encoding") or "").strip().lower()
         if encoding in ENCODED_TRANSFER:
             self.defects.append(f"message/rfc822 part in {encoding}: decoded")
-        inner, _ = _read_tree(_header_block(content))
+        inner, _ = _read_tree(content[: header_end(content)])
         name = _filename(part, self.defects, self.budget)
         subject = self.budget.decoded(raw_header(inner, "Subject"), self.defects)
         original = name or (f"{subject}.eml" if subject else None)

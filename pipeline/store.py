@@ -73,7 +73,7 @@ def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> int:
             "rules_version": decision.rules_version,
             "inbound_message_id": mail.inbound_id,
             "origin_key": mail.dedupe_key,
-            "summary": summarize(parsed.subject, parsed.text, mail.fields),
+            "summary": summarize(parsed.subject, parsed.text, mail.fields, parsed.reply_text),
         },
         key=lambda new_id: f"{prefix}-{new_id}",
     )

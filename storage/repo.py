@@ -228,6 +228,12 @@ def first_record_of(
     return min(rows.all(), key=lambda row: row.id, default=None)
 
 
+_TICKET_FOR_MESSAGE_IDS = select(_LEDGER.c.id, _LEDGER.c.ticket_id).where(
+    _LEDGER.c.message_id.in_(bindparam("message_ids", expanding=True)),
+    _LEDGER.c.status.in_(WITH_RECORD),
+)
+
+
 def ticket_for_message_ids(session: Session, message_ids: Sequence[str]) -> int | None:
     """The ticket that the newest message with one of these Message-IDs made or commented on.
 
@@ -237,11 +243,9 @@ def ticket_for_message_ids(session: Session, message_ids: Sequence[str]) -> int 
     """
     if not message_ids:
         return None
-    query = select(InboundMessage.id, InboundMessage.ticket_id).where(
-        InboundMessage.message_id.in_(list(dict.fromkeys(message_ids))),
-        InboundMessage.status.in_(WITH_RECORD),
-    )
-    newest = max(session.execute(query).all(), key=lambda row: row.id, default=None)
+    wanted = {"message_ids": list(dict.fromkeys(message_ids))}
+    rows = session.execute(_TICKET_FOR_MESSAGE_IDS, wanted).all()
+    newest = max(rows, key=lambda row: row.id, default=None)
     return newest.ticket_id if newest else None
 
 
@@ -952,13 +956,17 @@ def add_triage_model(session: Session, model: TriageModel) -> int:
     return model.version
 
 
+_NEWEST_MODEL = (
+    select(TriageModel.__table__.c.version, TriageModel.__table__.c.sha256)
+    .order_by(TriageModel.__table__.c.version.desc())
+    .limit(1)
+)
+
+
 def newest_triage_model(session: Session) -> tuple[int, str] | None:
-    """(version, sha256) of the newest model, without its bytes: asked once per message."""
-    row = session.execute(
-        select(TriageModel.version, TriageModel.sha256)
-        .order_by(TriageModel.version.desc())
-        .limit(1)
-    ).first()
+    """(version, sha256) of the newest model, without its bytes: asked once per message (its
+    statement built once, as the ledger's)."""
+    row = session.execute(_NEWEST_MODEL).first()
     return (row.version, row.sha256) if row else None
 
 

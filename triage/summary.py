@@ -50,13 +50,18 @@ SIGNATURE = compile_regex(
 SENTENCE_END = compile_regex(r"[。！？!?]|\.(?:\s|$)")
 
 
-def summarize(subject: str, text: str, fields: Mapping[str, Any]) -> str:
-    """The one-line summary of a ticket."""
+def summarize(
+    subject: str, text: str, fields: Mapping[str, Any], reply_text: str | None = None
+) -> str:
+    """The one-line summary of a ticket. `reply_text`: `strip_quoted(text)` where the caller
+    has it (the detect stage's), taken when `text` is read whole (not cut at MAX_TEXT_CHARS)."""
     for key in TOPIC_FIELDS:
         value = fields.get(key)
         if isinstance(value, str) and value.strip():
             return clip(first_sentence(value) or value)
-    return clip(first_sentence(strip_quoted(text[:MAX_TEXT_CHARS])) or subject)
+    if reply_text is None or len(text) > MAX_TEXT_CHARS:
+        reply_text = strip_quoted(text[:MAX_TEXT_CHARS])
+    return clip(first_sentence(reply_text) or subject)
 
 
 def first_sentence(text: str) -> str | None:
