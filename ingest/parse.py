@@ -13,6 +13,7 @@ words and parameters are replaced (`charsets.decode_words`, `_split_params`).
 
 from __future__ import annotations
 
+import functools
 import html as html_entities
 import itertools
 import mimetypes
@@ -716,6 +717,8 @@ def _without(text: str, opening: str, closing: str, end: str = "") -> str:
 
 ADDRESS_HEADERS = {"from", "to", "cc", "bcc", "reply-to", "delivered-to"}
 DATE_HEADERS = {"date", "resent-date"}
+ADDRESS_CHECKS_KEPT = 1024  # address header values whose check is kept, each of at most
+ADDRESS_CHECK_KEPT_CHARS = 998  # characters (a line's limit)
 
 
 def _header_checks(msg: Message, budget: _Budget) -> set[str]:
@@ -740,15 +743,26 @@ def _header_checks(msg: Message, budget: _Budget) -> set[str]:
                     budget.checked_text, budget.unread_addresses = 0, True
                     continue
                 budget.checked_text -= len(value)
-                problems: list[dict[str, Any]] = []
-                get_addresses(value, defects=problems, decode_names=True)
-                if problems:
+                short = len(value) <= ADDRESS_CHECK_KEPT_CHARS
+                if (_known_address_problems if short else _address_problems)(value):
                     found.add("AddressHeaderDefect")
             elif key in DATE_HEADERS and parse_mail_date(value).reasons:
                 found.add("DateHeaderDefect")
         except Exception:  # a checker failing on a header is a finding too
             found.add("AddressHeaderDefect" if key in ADDRESS_HEADERS else "DateHeaderDefect")
     return found
+
+
+def _address_problems(value: str) -> bool:
+    """Whether mail-parser's address reader finds a problem in an address header value."""
+    problems: list[dict[str, Any]] = []
+    get_addresses(value, defects=problems, decode_names=True)
+    return bool(problems)
+
+
+# The reader costs a tenth of a millisecond a value, and most mail names the same few
+# addresses (the service's own in To): its findings for the last values seen are kept.
+_known_address_problems = functools.lru_cache(maxsize=ADDRESS_CHECKS_KEPT)(_address_problems)
 
 
 def _cut(budget: _Budget) -> list[str]:
