@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from config import compile_regex
-from ingest.detect import QUOTED_LINE, strip_quoted
+from ingest.detect import quoted_line, strip_quoted
 
 MAX_CHARS = 80
 MAX_TEXT_CHARS = 20_000  # the summary is near the top; a long mail is not read to the end
@@ -82,7 +82,7 @@ def _content_lines(text: str) -> Iterator[str]:
         stripped = line.strip()
         if SIGNATURE.search(_fold(stripped)):
             return
-        if stripped and not QUOTED_LINE.match(stripped):
+        if stripped and not quoted_line(stripped):
             yield stripped
 
 
