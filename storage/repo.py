@@ -81,13 +81,20 @@ def lease_of(session: Session, inbound_id: int) -> Lease | None:
     return Lease(row.status, row.lease_owner, row.lease_until) if row else None
 
 
+def _one_of(column: ColumnElement[str], values: Sequence[str], name: str) -> ColumnElement[bool]:
+    """`column IN (values)` with one bound parameter per value, set when the statement is
+    built: `in_` of a list makes an expanding parameter, whose SQL is rendered anew at every
+    execution (about 50 microseconds, on each of the per-message statements)."""
+    return column.in_([bindparam(f"{name}_{i}", value) for i, value in enumerate(values)])
+
+
 # The per-message ledger statements, built once with bound parameters: building and hashing
 # a statement (its cache key) for every message cost more CPU than running it on SQLite.
 _TAKE_LEASE = (
     update(_LEDGER)
     .where(
         _LEDGER.c.id == bindparam("inbound_id"),
-        _LEDGER.c.status.in_(PROCESSABLE),
+        _one_of(_LEDGER.c.status, PROCESSABLE, "processable"),
         _LEDGER.c.lease_owner.is_not_distinct_from(bindparam("seen_owner")),
         _LEDGER.c.lease_until.is_not_distinct_from(bindparam("seen_until")),
     )
@@ -103,7 +110,7 @@ _CLAIM = (
     update(_LEDGER)
     .where(
         _LEDGER.c.id == bindparam("inbound_id"),
-        _LEDGER.c.status.in_(PROCESSABLE),
+        _one_of(_LEDGER.c.status, PROCESSABLE, "processable"),
         _LEDGER.c.lease_owner == bindparam("owner"),
     )
     .values(attempts=_LEDGER.c.attempts)
@@ -111,7 +118,7 @@ _CLAIM = (
 _FIRST_RECORD = select(_LEDGER.c.id, _LEDGER.c.ticket_id).where(
     _LEDGER.c.dedupe_key == bindparam("dedupe_key"),
     _LEDGER.c.id != bindparam("before_id"),
-    _LEDGER.c.status.in_(SETTLED),
+    _one_of(_LEDGER.c.status, SETTLED, "settled"),
 )
 # What processing reads of a ledger row: its lease, whether it may be processed, and what
 # makes an IncomingMail (`pipeline.process.incoming_mail`), with the raw bytes (one join).
@@ -230,7 +237,7 @@ def first_record_of(
 
 _TICKET_FOR_MESSAGE_IDS = select(_LEDGER.c.id, _LEDGER.c.ticket_id).where(
     _LEDGER.c.message_id.in_(bindparam("message_ids", expanding=True)),
-    _LEDGER.c.status.in_(WITH_RECORD),
+    _one_of(_LEDGER.c.status, WITH_RECORD, "with_record"),
 )
 
 
