@@ -266,12 +266,12 @@ def _dialect_insert(session: Session) -> Any:
 
 
 def _blob_upsert(dialect_insert: Any) -> Any:
-    insert = dialect_insert(_BLOBS).values(
+    upsert = dialect_insert(_BLOBS).values(
         sha256=bindparam("blob_sha256"), size=bindparam("blob_size"), content=bindparam("blob")
     )
-    return insert.on_conflict_do_update(
+    return upsert.on_conflict_do_update(
         index_elements=["sha256"],
-        set_={"content": insert.excluded.content},
+        set_={"content": upsert.excluded.content},
         where=func.length(_BLOBS.c.content) == 0,
     )
 
@@ -963,10 +963,9 @@ def add_triage_model(session: Session, model: TriageModel) -> int:
     return model.version
 
 
+_MODELS = cast(Table, TriageModel.__table__)
 _NEWEST_MODEL = (
-    select(TriageModel.__table__.c.version, TriageModel.__table__.c.sha256)
-    .order_by(TriageModel.__table__.c.version.desc())
-    .limit(1)
+    select(_MODELS.c.version, _MODELS.c.sha256).order_by(_MODELS.c.version.desc()).limit(1)
 )
 
 
