@@ -138,7 +138,7 @@ def _attribution_start(lines: list[str], quote_start: int) -> int:
     above = quote_start
     while above > 0 and not lines[above - 1].strip():
         above -= 1
-    if above == 0 or QUOTED_LINE.match(lines[above - 1]):
+    if above == 0 or quoted_line(lines[above - 1]):
         return quote_start
     last = lines[above - 1].strip()
     if not last.endswith((":", "：")):
@@ -150,18 +150,27 @@ def _attribution_start(lines: list[str], quote_start: int) -> int:
     return quote_start
 
 
+def quoted_line(line: str) -> bool:
+    """Whether `line` is quoted (`>`, `＞`): QUOTED_LINE, asked only of lines with a mark."""
+    return (">" in line or "＞" in line) and QUOTED_LINE.match(line) is not None
+
+
 def strip_quoted(text: str) -> str:
     """`text` without the quoted earlier message: everything from an "Original Message"
     separator on, and every `>` block with its attribution line. Returns the full text if
     nothing would remain."""
     lines = text.splitlines()
-    cut = next((i for i, line in enumerate(lines) if ORIGINAL_SEPARATOR.match(line)), len(lines))
+    # `--` first: the separator has it, and most lines do not (a pattern call costs more).
+    separators = (
+        i for i, line in enumerate(lines) if "--" in line and ORIGINAL_SEPARATOR.match(line)
+    )
+    cut = next(separators, len(lines))
     lines = lines[:cut]
     dropped: set[int] = set()
     for i, line in enumerate(lines):
-        if not QUOTED_LINE.match(line):
+        if not quoted_line(line):
             continue
-        if i == 0 or not QUOTED_LINE.match(lines[i - 1]):
+        if i == 0 or not quoted_line(lines[i - 1]):
             dropped.update(range(_attribution_start(lines, i), i))
         dropped.add(i)
     kept = "\n".join(line for i, line in enumerate(lines) if i not in dropped)

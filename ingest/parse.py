@@ -13,6 +13,7 @@ words and parameters are replaced (`charsets.decode_words`, `_split_params`).
 
 from __future__ import annotations
 
+import functools
 import html as html_entities
 import itertools
 import mimetypes
@@ -44,6 +45,7 @@ from ingest.charsets import CONTROL_CHARS, as_re2_text, decode_bytes
 from ingest.headers import (
     BOM,
     decode_header_value,
+    header_end,
     message_ids,
     raw_header,
     raw_headers,
@@ -495,12 +497,6 @@ def _fallback_name(ctype: str, number: int) -> str:
     return f"attachment-{number}{extension}"
 
 
-def _header_block(content: bytes) -> bytes:
-    """The header fields of a message, up to the first empty line."""
-    ends = (content.find(sep) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"))
-    return content[: min((end for end in ends if end >= 0), default=len(content))]
-
-
 class _Walker:
     """Collects text, HTML and attachments from a MIME tree, and the parser's defects."""
 
@@ -572,7 +568,7 @@ class _Walker:
         encoding = (raw_header(part, "Content-Transfer-Encoding") or "").strip().lower()
         if encoding in ENCODED_TRANSFER:
             self.defects.append(f"message/rfc822 part in {encoding}: decoded")
-        inner, _ = _read_tree(_header_block(content))
+        inner, _ = _read_tree(content[: header_end(content)])
         name = _filename(part, self.defects, self.budget)
         subject = self.budget.decoded(raw_header(inner, "Subject"), self.defects)
         original = name or (f"{subject}.eml" if subject else None)
@@ -721,6 +717,8 @@ def _without(text: str, opening: str, closing: str, end: str = "") -> str:
 
 ADDRESS_HEADERS = {"from", "to", "cc", "bcc", "reply-to", "delivered-to"}
 DATE_HEADERS = {"date", "resent-date"}
+ADDRESS_CHECKS_KEPT = 1024  # address header values whose check is kept, each of at most
+ADDRESS_CHECK_KEPT_CHARS = 998  # characters (a line's limit)
 
 
 def _header_checks(msg: Message, budget: _Budget) -> set[str]:
@@ -745,15 +743,26 @@ def _header_checks(msg: Message, budget: _Budget) -> set[str]:
                     budget.checked_text, budget.unread_addresses = 0, True
                     continue
                 budget.checked_text -= len(value)
-                problems: list[dict[str, Any]] = []
-                get_addresses(value, defects=problems, decode_names=True)
-                if problems:
+                short = len(value) <= ADDRESS_CHECK_KEPT_CHARS
+                if (_known_address_problems if short else _address_problems)(value):
                     found.add("AddressHeaderDefect")
             elif key in DATE_HEADERS and parse_mail_date(value).reasons:
                 found.add("DateHeaderDefect")
         except Exception:  # a checker failing on a header is a finding too
             found.add("AddressHeaderDefect" if key in ADDRESS_HEADERS else "DateHeaderDefect")
     return found
+
+
+def _address_problems(value: str) -> bool:
+    """Whether mail-parser's address reader finds a problem in an address header value."""
+    problems: list[dict[str, Any]] = []
+    get_addresses(value, defects=problems, decode_names=True)
+    return bool(problems)
+
+
+# The reader costs a tenth of a millisecond a value, and most mail names the same few
+# addresses (the service's own in To): its findings for the last values seen are kept.
+_known_address_problems = functools.lru_cache(maxsize=ADDRESS_CHECKS_KEPT)(_address_problems)
 
 
 def _cut(budget: _Budget) -> list[str]:

@@ -3,6 +3,7 @@ outcome, and by `pipeline.replay`. Whether a failure retries by itself is `pipel
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import shlex
@@ -29,13 +30,18 @@ class Actor:
 
 
 def current_actor() -> Actor:
-    """The running process, read at call time (a forked worker has its own pid)."""
+    """The running process, read once per pid (a forked worker has its own pid)."""
+    return _actor_of(os.getpid())
+
+
+@functools.lru_cache(maxsize=1)
+def _actor_of(pid: int) -> Actor:
     try:
         username: str | None = getpass.getuser()
     except (KeyError, OSError):  # no login name in some containers
         username = None
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "?"
-    return Actor(socket.gethostname(), os.getpid(), username, command)
+    return Actor(socket.gethostname(), pid, username, command)
 
 
 def error_line(exc: BaseException) -> str:

@@ -13,8 +13,9 @@ import logging
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeGuard, TypeVar
+from typing import Any, Generic, TypeGuard, TypeVar
 
+from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Leased = tuple[IncomingMail, int]  # a message whose lease was taken, and its interruptions so far
 T = TypeVar("T")
+Ledger = TypeVar("Ledger", InboundMessage, Row[Any])  # a ledger row: the ORM object or columns
 
 
 def load_and_lease(
@@ -48,7 +50,7 @@ def load_and_lease(
 def lease_in(session: Session, inbound_id: int, owner: str) -> Leased | None:
     """`load_and_lease` in the caller's transaction: the row is read once, and its lease taken
     from what was read (compare-and-set), with no second look-up."""
-    row = session.get(InboundMessage, inbound_id)
+    row = repo.row_to_process(session, inbound_id)
     if not processable(row):
         return None
     seen = repo.Lease(row.status, row.lease_owner, row.lease_until)
@@ -73,14 +75,15 @@ class Chain(Generic[T]):
     committed: bool = False  # `take` ran in a committed transaction (`taken` None: none left)
 
 
-def processable(row: InboundMessage | None) -> TypeGuard[InboundMessage]:
+def processable(row: Ledger | None) -> TypeGuard[Ledger]:
     """A row to process: waiting or failed, with bytes (a never-fetched IMAP row has none: the
     message is still in its mailbox, and the reason stays)."""
     return row is not None and row.status in PROCESSABLE and row.fail_stage != Stage.FETCH
 
 
-def incoming_mail(row: InboundMessage) -> IncomingMail:
-    """A fresh IncomingMail for a ledger row, as it was received."""
+def incoming_mail(row: InboundMessage | Row[Any]) -> IncomingMail:
+    """A fresh IncomingMail for a ledger row, as it was received: the ORM object, or the
+    columns `repo.row_to_process` reads (no ORM object to build: processing only reads)."""
     envelope = Envelope(
         source=row.source,
         mail_from=row.mail_from,
@@ -137,7 +140,7 @@ def _claim_in(session: Session, owner: str) -> tuple[int, Leased | None] | None:
     if claimed is None:
         return None
     inbound_id, interruptions = claimed
-    row = session.get(InboundMessage, inbound_id)
+    row = repo.row_to_process(session, inbound_id)
     if not processable(row):
         return inbound_id, None
     mail = incoming_mail(row)

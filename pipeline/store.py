@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from ingest.mail import IncomingMail, ParsedMail
 from pipeline.attempts import stage_timings
 from storage import repo
-from storage.models import Attachment, Ticket, TicketComment, TicketSuggestion
+from storage.models import TicketSuggestion
 from storage.states import Fate
 from triage.summary import summarize
 
@@ -25,13 +25,12 @@ def store(session: Session, mail: IncomingMail, key_prefix: str) -> None:
         ticket_id, duplicate_of_id = mail.duplicate_of.ticket_id, mail.duplicate_of.inbound_id
     elif fate is Fate.COMMENT:
         assert mail.follow_up_ticket_id is not None
-        comment = _add_comment(session, mail, mail.follow_up_ticket_id)
-        _add_attachments(session, parsed, mail.inbound_id, comment_id=comment.id)
-        ticket_id = comment.ticket_id
+        ticket_id = mail.follow_up_ticket_id
+        comment_id = _add_comment(session, mail, ticket_id)
+        _add_attachments(session, parsed, mail.inbound_id, comment_id=comment_id)
     elif fate is Fate.TICKET:
-        ticket = _add_ticket(session, mail, key_prefix)
-        _add_attachments(session, parsed, mail.inbound_id, ticket_id=ticket.id)
-        ticket_id = ticket.id
+        ticket_id = _add_ticket(session, mail, key_prefix)
+        _add_attachments(session, parsed, mail.inbound_id, ticket_id=ticket_id)
     repo.set_fate(
         session,
         mail.inbound_id,
@@ -48,39 +47,39 @@ def store(session: Session, mail: IncomingMail, key_prefix: str) -> None:
         repo.notify_ticket(session, ticket_id)  # delivered to listeners on commit
 
 
-def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> Ticket:
+def _add_ticket(session: Session, mail: IncomingMail, prefix: str) -> int:
     parsed, decision = mail.parsed, mail.decision
     assert parsed is not None and decision is not None
-    fields = {**mail.fields, **decision.fields}
     requester = mail.requester
-    ticket = Ticket(
-        key=f"new-{mail.inbound_id}",
-        source_kind=mail.source_kind,
-        category=decision.category,
-        subject=parsed.subject,
-        body=parsed.text,
-        body_html=parsed.html,
-        requester_name=requester.name,
-        requester_email=requester.email,
-        requester_phone=requester.phone,
-        requester_company=requester.company,
-        assignee=decision.assignee,
-        priority=decision.priority,
-        due_at=decision.due_at,
-        labels=decision.labels,
-        fields=fields,
-        rule_names=decision.rule_hits,
-        rules_version=decision.rules_version,
-        inbound_message_id=mail.inbound_id,
-        origin_key=mail.dedupe_key,
-        summary=summarize(parsed.subject, parsed.text, mail.fields),
+    ticket_id = repo.add_ticket(
+        session,
+        {
+            "key": f"new-{mail.inbound_id}",
+            "source_kind": mail.source_kind,
+            "category": decision.category,
+            "subject": parsed.subject,
+            "body": parsed.text,
+            "body_html": parsed.html,
+            "requester_name": requester.name,
+            "requester_email": requester.email,
+            "requester_phone": requester.phone,
+            "requester_company": requester.company,
+            "assignee": decision.assignee,
+            "priority": decision.priority,
+            "due_at": decision.due_at,
+            "labels": decision.labels,
+            "fields": {**mail.fields, **decision.fields},
+            "rule_names": decision.rule_hits,
+            "rules_version": decision.rules_version,
+            "inbound_message_id": mail.inbound_id,
+            "origin_key": mail.dedupe_key,
+            "summary": summarize(parsed.subject, parsed.text, mail.fields, parsed.reply_text),
+        },
+        key=lambda new_id: f"{prefix}-{new_id}",
     )
-    session.add(ticket)
-    session.flush()
-    ticket.key = f"{prefix}-{ticket.id}"
     if mail.suggestion is not None:
-        _add_suggestion(session, mail, ticket.id)
-    return ticket
+        _add_suggestion(session, mail, ticket_id)
+    return ticket_id
 
 
 def _add_suggestion(session: Session, mail: IncomingMail, ticket_id: int) -> None:
@@ -101,21 +100,21 @@ def _add_suggestion(session: Session, mail: IncomingMail, ticket_id: int) -> Non
     )
 
 
-def _add_comment(session: Session, mail: IncomingMail, ticket_id: int) -> TicketComment:
+def _add_comment(session: Session, mail: IncomingMail, ticket_id: int) -> int:
     parsed = mail.parsed
     assert parsed is not None
-    comment = TicketComment(
-        ticket_id=ticket_id,
-        author_name=parsed.from_name,
-        author_email=parsed.from_email,
-        body=parsed.reply_text or parsed.text,
-        body_full=parsed.text,
-        inbound_message_id=mail.inbound_id,
-        origin_key=mail.dedupe_key,
+    return repo.add_comment(
+        session,
+        {
+            "ticket_id": ticket_id,
+            "author_name": parsed.from_name,
+            "author_email": parsed.from_email,
+            "body": parsed.reply_text or parsed.text,
+            "body_full": parsed.text,
+            "inbound_message_id": mail.inbound_id,
+            "origin_key": mail.dedupe_key,
+        },
     )
-    session.add(comment)
-    session.flush()
-    return comment
 
 
 def _add_attachments(
@@ -126,20 +125,22 @@ def _add_attachments(
     ticket_id: int | None = None,
     comment_id: int | None = None,
 ) -> None:
+    rows = []
     for att in parsed.attachments:
         digest = hashlib.sha256(att.content).hexdigest()
         repo.save_blob(session, digest, att.content)
-        session.add(
-            Attachment(
-                inbound_message_id=inbound_id,
-                ticket_id=ticket_id,
-                comment_id=comment_id,
-                filename=att.filename,
-                original_filename=att.original_filename,
-                content_type=att.content_type,
-                content_id=att.content_id,
-                inline=att.inline,
-                size=len(att.content),
-                sha256=digest,
-            )
+        rows.append(
+            {
+                "inbound_message_id": inbound_id,
+                "ticket_id": ticket_id,
+                "comment_id": comment_id,
+                "filename": att.filename,
+                "original_filename": att.original_filename,
+                "content_type": att.content_type,
+                "content_id": att.content_id,
+                "inline": att.inline,
+                "size": len(att.content),
+                "sha256": digest,
+            }
         )
+    repo.add_attachments(session, rows)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -11,10 +11,12 @@ from sqlalchemy import (
     ColumnElement,
     CursorResult,
     Row,
+    Table,
     Update,
     and_,
     bindparam,
     func,
+    insert,
     or_,
     select,
     text,
@@ -43,10 +45,18 @@ from storage.models import (
 from storage.states import FINAL, PROCESSABLE, SETTLED, WITH_RECORD, Fate, Stage
 
 RELEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None, "interruptions": 0}
-# For the per-message ledger UPDATEs (lease, claim, fate): no ORM object of the row is read back
-# in the transaction after them, so the session need not find and refresh it (about a third of
-# each UPDATE's cost in a profile of backfill).
-UNSYNCED: dict[str, Any] = {"synchronize_session": False}
+# The tables of the per-message statements (lease, claim, fate, the records stored), which
+# are Core statements: the ORM's unit of work (a flush per object) and its ORM-enabled
+# statement path (finding the updated rows in the session, among others) cost more CPU than
+# running the statements on SQLite, and processing reads none of these rows back as objects.
+_LEDGER = cast(Table, InboundMessage.__table__)
+_RAW = cast(Table, InboundRaw.__table__)
+_TICKETS = cast(Table, Ticket.__table__)
+_COMMENTS = cast(Table, TicketComment.__table__)
+_ATTACHMENTS = cast(Table, Attachment.__table__)
+_BLOBS = cast(Table, AttachmentBlob.__table__)
+_ATTEMPTS = cast(Table, ProcessingAttempt.__table__)
+_CURSORS = cast(Table, AssignmentCursor.__table__)
 
 
 def _rows_updated(session: Session, statement: Update) -> int:
@@ -71,40 +81,73 @@ def lease_of(session: Session, inbound_id: int) -> Lease | None:
     return Lease(row.status, row.lease_owner, row.lease_until) if row else None
 
 
+def _one_of(column: ColumnElement[str], values: Sequence[str], name: str) -> ColumnElement[bool]:
+    """`column IN (values)` with one bound parameter per value, set when the statement is
+    built: `in_` of a list makes an expanding parameter, whose SQL is rendered anew at every
+    execution (about 50 microseconds, on each of the per-message statements)."""
+    return column.in_([bindparam(f"{name}_{i}", value) for i, value in enumerate(values)])
+
+
 # The per-message ledger statements, built once with bound parameters: building and hashing
 # a statement (its cache key) for every message cost more CPU than running it on SQLite.
 _TAKE_LEASE = (
-    update(InboundMessage)
+    update(_LEDGER)
     .where(
-        InboundMessage.id == bindparam("inbound_id"),
-        InboundMessage.status.in_(PROCESSABLE),
-        InboundMessage.lease_owner.is_not_distinct_from(bindparam("seen_owner")),
-        InboundMessage.lease_until.is_not_distinct_from(bindparam("seen_until")),
+        _LEDGER.c.id == bindparam("inbound_id"),
+        _one_of(_LEDGER.c.status, PROCESSABLE, "processable"),
+        _LEDGER.c.lease_owner.is_not_distinct_from(bindparam("seen_owner")),
+        _LEDGER.c.lease_until.is_not_distinct_from(bindparam("seen_until")),
     )
     .values(
-        attempts=InboundMessage.attempts + 1,
-        interruptions=InboundMessage.interruptions + bindparam("left_behind"),
+        attempts=_LEDGER.c.attempts + 1,
+        interruptions=_LEDGER.c.interruptions + bindparam("left_behind"),
         lease_owner=bindparam("owner"),
         lease_until=bindparam("until"),
     )
-    .returning(InboundMessage.attempts, InboundMessage.interruptions)
-    .execution_options(**UNSYNCED)
+    .returning(_LEDGER.c.attempts, _LEDGER.c.interruptions)
 )
 _CLAIM = (
-    update(InboundMessage)
+    update(_LEDGER)
     .where(
-        InboundMessage.id == bindparam("inbound_id"),
-        InboundMessage.status.in_(PROCESSABLE),
-        InboundMessage.lease_owner == bindparam("owner"),
+        _LEDGER.c.id == bindparam("inbound_id"),
+        _one_of(_LEDGER.c.status, PROCESSABLE, "processable"),
+        _LEDGER.c.lease_owner == bindparam("owner"),
     )
-    .values(attempts=InboundMessage.attempts)
-    .execution_options(**UNSYNCED)
+    .values(attempts=_LEDGER.c.attempts)
 )
-_FIRST_RECORD = select(InboundMessage.id, InboundMessage.ticket_id).where(
-    InboundMessage.dedupe_key == bindparam("dedupe_key"),
-    InboundMessage.id != bindparam("before_id"),
-    InboundMessage.status.in_(SETTLED),
+_FIRST_RECORD = select(_LEDGER.c.id, _LEDGER.c.ticket_id).where(
+    _LEDGER.c.dedupe_key == bindparam("dedupe_key"),
+    _LEDGER.c.id != bindparam("before_id"),
+    _one_of(_LEDGER.c.status, SETTLED, "settled"),
 )
+# What processing reads of a ledger row: its lease, whether it may be processed, and what
+# makes an IncomingMail (`pipeline.process.incoming_mail`), with the raw bytes (one join).
+_TO_PROCESS = (
+    select(
+        _LEDGER.c.id,
+        _LEDGER.c.status,
+        _LEDGER.c.fail_stage,
+        _LEDGER.c.lease_owner,
+        _LEDGER.c.lease_until,
+        _LEDGER.c.source,
+        _LEDGER.c.mail_from,
+        _LEDGER.c.rcpt_to,
+        _LEDGER.c.peer,
+        _LEDGER.c.envelope,
+        _LEDGER.c.received_at,
+        _LEDGER.c.dedupe_key,
+        _RAW.c.raw,
+    )
+    .select_from(_LEDGER.outerjoin(_RAW, _RAW.c.inbound_message_id == _LEDGER.c.id))
+    .where(_LEDGER.c.id == bindparam("inbound_id"))
+)
+
+
+def row_to_process(session: Session, inbound_id: int) -> Row[Any] | None:
+    """The columns of a ledger row that processing reads, with its raw bytes (`raw`, None if
+    it has no bytes row); None if there is no such row."""
+    row = session.execute(_TO_PROCESS, {"inbound_id": inbound_id}).one_or_none()
+    return cast("Row[Any] | None", row)
 
 
 def take_lease(
@@ -192,6 +235,12 @@ def first_record_of(
     return min(rows.all(), key=lambda row: row.id, default=None)
 
 
+_TICKET_FOR_MESSAGE_IDS = select(_LEDGER.c.id, _LEDGER.c.ticket_id).where(
+    _LEDGER.c.message_id.in_(bindparam("message_ids", expanding=True)),
+    _one_of(_LEDGER.c.status, WITH_RECORD, "with_record"),
+)
+
+
 def ticket_for_message_ids(session: Session, message_ids: Sequence[str]) -> int | None:
     """The ticket that the newest message with one of these Message-IDs made or commented on.
 
@@ -201,11 +250,9 @@ def ticket_for_message_ids(session: Session, message_ids: Sequence[str]) -> int 
     """
     if not message_ids:
         return None
-    query = select(InboundMessage.id, InboundMessage.ticket_id).where(
-        InboundMessage.message_id.in_(list(dict.fromkeys(message_ids))),
-        InboundMessage.status.in_(WITH_RECORD),
-    )
-    newest = max(session.execute(query).all(), key=lambda row: row.id, default=None)
+    wanted = {"message_ids": list(dict.fromkeys(message_ids))}
+    rows = session.execute(_TICKET_FOR_MESSAGE_IDS, wanted).all()
+    newest = max(rows, key=lambda row: row.id, default=None)
     return newest.ticket_id if newest else None
 
 
@@ -218,19 +265,60 @@ def _dialect_insert(session: Session) -> Any:
     return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
 
+def _blob_upsert(dialect_insert: Any) -> Any:
+    upsert = dialect_insert(_BLOBS).values(
+        sha256=bindparam("blob_sha256"), size=bindparam("blob_size"), content=bindparam("blob")
+    )
+    return upsert.on_conflict_do_update(
+        index_elements=["sha256"],
+        set_={"content": upsert.excluded.content},
+        where=func.length(_BLOBS.c.content) == 0,
+    )
+
+
+# Built once per dialect, as the ledger statements above.
+_SAVE_BLOB = {"postgresql": _blob_upsert(pg_insert), "sqlite": _blob_upsert(sqlite_insert)}
+
+
+def _per_dialect(session: Session, statements: dict[str, Any]) -> Any:
+    """The statement of `statements` for the session's database (PostgreSQL, else SQLite)."""
+    name = session.get_bind().dialect.name
+    return statements["postgresql" if name == "postgresql" else "sqlite"]
+
+
 def save_blob(session: Session, sha256: str, content: bytes) -> None:
     """Store attachment content once per sha256, safe against concurrent writers; content that
     retention emptied (`purge`) is put back when a new message brings the same bytes."""
-    insert = _dialect_insert(session)(AttachmentBlob).values(
-        sha256=sha256, size=len(content), content=content
-    )
-    session.execute(
-        insert.on_conflict_do_update(
-            index_elements=["sha256"],
-            set_={"content": insert.excluded.content},
-            where=func.length(AttachmentBlob.content) == 0,
-        )
-    )
+    values = {"blob_sha256": sha256, "blob_size": len(content), "blob": content}
+    session.execute(_per_dialect(session, _SAVE_BLOB), values)
+
+
+_ADD_TICKET = insert(_TICKETS).returning(_TICKETS.c.id)
+_SET_TICKET_KEY = (
+    update(_TICKETS).where(_TICKETS.c.id == bindparam("ticket_id")).values(key=bindparam("new_key"))
+)
+_ADD_COMMENT = insert(_COMMENTS).returning(_COMMENTS.c.id)
+_ADD_ATTACHMENT = insert(_ATTACHMENTS)
+
+
+def add_ticket(session: Session, values: dict[str, Any], key: Callable[[int], str]) -> int:
+    """Insert a ticket (`values`: its columns; the others take their defaults) and give it
+    the key `key(id)` made of its id; returns the id."""
+    ticket_id: int = session.execute(_ADD_TICKET, values).scalar_one()
+    session.execute(_SET_TICKET_KEY, {"ticket_id": ticket_id, "new_key": key(ticket_id)})
+    return ticket_id
+
+
+def add_comment(session: Session, values: dict[str, Any]) -> int:
+    """Insert a ticket comment (`values`: its columns); returns its id."""
+    comment_id: int = session.execute(_ADD_COMMENT, values).scalar_one()
+    return comment_id
+
+
+def add_attachments(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert attachment rows (each: its columns), their blobs already saved."""
+    if rows:
+        session.execute(_ADD_ATTACHMENT, list(rows))
 
 
 def set_fate(
@@ -265,8 +353,8 @@ def set_fate(
 
 
 _SET_FATE = (
-    update(InboundMessage)
-    .where(InboundMessage.id == bindparam("inbound_id"))
+    update(_LEDGER)
+    .where(_LEDGER.c.id == bindparam("inbound_id"))
     .values(
         status=bindparam("fate"),
         ticket_id=bindparam("fate_ticket_id"),
@@ -282,7 +370,6 @@ _SET_FATE = (
         processed_at=bindparam("fate_processed_at"),
         **RELEASED,
     )
-    .execution_options(**UNSYNCED)
 )
 
 
@@ -379,6 +466,9 @@ def attachment_content(session: Session, attachment_id: int) -> tuple[Attachment
 # --- failed messages: history, selection for replay, automatic retry, discard ---------------
 
 
+_ADD_ATTEMPT = insert(_ATTEMPTS)
+
+
 def add_attempt(
     session: Session,
     inbound_id: int,
@@ -392,19 +482,9 @@ def add_attempt(
     command: str,
 ) -> None:
     """Append one entry to a message's processing history."""
-    session.add(
-        ProcessingAttempt(
-            inbound_message_id=inbound_id,
-            attempted_at=utcnow(),
-            outcome=outcome,
-            stage=stage,
-            error=error,
-            host=host,
-            pid=pid,
-            username=username,
-            command=command,
-        )
-    )
+    values = {"inbound_message_id": inbound_id, "attempted_at": utcnow(), "outcome": outcome}
+    values |= {"stage": stage, "error": error, "host": host, "pid": pid}
+    session.execute(_ADD_ATTEMPT, values | {"username": username, "command": command})
 
 
 def attempts_of(session: Session, inbound_id: int) -> Sequence[ProcessingAttempt]:
@@ -563,6 +643,22 @@ def add_unfetched(
     return row.id
 
 
+def _cursor_upsert(dialect_insert: Any) -> Any:
+    now = bindparam("now", type_=_CURSORS.c.updated_at.type)
+    return (
+        dialect_insert(_CURSORS)
+        .values(team=bindparam("team"), position=1, updated_at=now)
+        .on_conflict_do_update(
+            index_elements=["team"],
+            set_={"position": _CURSORS.c.position + 1, "updated_at": now},
+        )
+        .returning(_CURSORS.c.position)
+    )
+
+
+_ADVANCE_CURSOR = {"postgresql": _cursor_upsert(pg_insert), "sqlite": _cursor_upsert(sqlite_insert)}
+
+
 def advance_assignment_cursor(session: Session, team: str) -> int:
     """Take the next round-robin turn (1, 2, 3, ...) of `team` in the caller's transaction.
 
@@ -570,16 +666,9 @@ def advance_assignment_cursor(session: Session, team: str) -> int:
     row until the caller commits (the other waits, then increments the committed value), and
     SQLite locks the database. A rolled-back routing gives its turn back.
     """
-    statement = (
-        _dialect_insert(session)(AssignmentCursor)
-        .values(team=team, position=1, updated_at=utcnow())
-        .on_conflict_do_update(
-            index_elements=["team"],
-            set_={"position": AssignmentCursor.position + 1, "updated_at": utcnow()},
-        )
-        .returning(AssignmentCursor.position)
-    )
-    return session.execute(statement).scalar_one()
+    statement = _per_dialect(session, _ADVANCE_CURSOR)
+    position: int = session.execute(statement, {"team": team, "now": utcnow()}).scalar_one()
+    return position
 
 
 def peek_assignment_cursor(session: Session, team: str) -> int:
@@ -874,13 +963,16 @@ def add_triage_model(session: Session, model: TriageModel) -> int:
     return model.version
 
 
+_MODELS = cast(Table, TriageModel.__table__)
+_NEWEST_MODEL = (
+    select(_MODELS.c.version, _MODELS.c.sha256).order_by(_MODELS.c.version.desc()).limit(1)
+)
+
+
 def newest_triage_model(session: Session) -> tuple[int, str] | None:
-    """(version, sha256) of the newest model, without its bytes: asked once per message."""
-    row = session.execute(
-        select(TriageModel.version, TriageModel.sha256)
-        .order_by(TriageModel.version.desc())
-        .limit(1)
-    ).first()
+    """(version, sha256) of the newest model, without its bytes: asked once per message (its
+    statement built once, as the ledger's)."""
+    row = session.execute(_NEWEST_MODEL).first()
     return (row.version, row.sha256) if row else None
 
 

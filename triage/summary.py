@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from config import compile_regex
-from ingest.detect import QUOTED_LINE, strip_quoted
+from ingest.detect import quoted_line, strip_quoted
 
 MAX_CHARS = 80
 MAX_TEXT_CHARS = 20_000  # the summary is near the top; a long mail is not read to the end
@@ -50,13 +50,18 @@ SIGNATURE = compile_regex(
 SENTENCE_END = compile_regex(r"[。！？!?]|\.(?:\s|$)")
 
 
-def summarize(subject: str, text: str, fields: Mapping[str, Any]) -> str:
-    """The one-line summary of a ticket."""
+def summarize(
+    subject: str, text: str, fields: Mapping[str, Any], reply_text: str | None = None
+) -> str:
+    """The one-line summary of a ticket. `reply_text`: `strip_quoted(text)` where the caller
+    has it (the detect stage's), taken when `text` is read whole (not cut at MAX_TEXT_CHARS)."""
     for key in TOPIC_FIELDS:
         value = fields.get(key)
         if isinstance(value, str) and value.strip():
             return clip(first_sentence(value) or value)
-    return clip(first_sentence(strip_quoted(text[:MAX_TEXT_CHARS])) or subject)
+    if reply_text is None or len(text) > MAX_TEXT_CHARS:
+        reply_text = strip_quoted(text[:MAX_TEXT_CHARS])
+    return clip(first_sentence(reply_text) or subject)
 
 
 def first_sentence(text: str) -> str | None:
@@ -77,7 +82,7 @@ def _content_lines(text: str) -> Iterator[str]:
         stripped = line.strip()
         if SIGNATURE.search(_fold(stripped)):
             return
-        if stripped and not QUOTED_LINE.match(stripped):
+        if stripped and not quoted_line(stripped):
             yield stripped
 
 
