@@ -1046,9 +1046,10 @@ def serve(ctx: typer.Context) -> None:
     thread (`thread`). Exits 2 if a listener cannot start (e.g. its port is taken) or the rules
     or templates file is refused, 3 if the database is unavailable.
     """
+    import asyncio
 
     from rules.reload import watch_files
-    from sources.service import ListenerError, Service, run_event_loop, serve_until_signalled
+    from sources.service import ListenerError, Service, serve_until_signalled
     from sources.workers import WorkerPool, WorkerRules, WorkerTemplates
 
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start and stop lines
@@ -1079,7 +1080,7 @@ def serve(ctx: typer.Context) -> None:
 
                 site = Site(rt.settings, rt.sessions, service.parts)
                 service.http_routes.extend(web_routes(site))
-            run_event_loop(serve_until_signalled(service))
+            asyncio.run(serve_until_signalled(service))
         except ListenerError as exc:
             raise fail(str(exc), EXIT_USAGE) from exc
 

@@ -32,12 +32,10 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
 
-import uvloop
 from starlette.routing import BaseRoute
 
 from config import ListenerSettings, Settings
@@ -61,7 +59,6 @@ from sources.workers import ProcessingWorker, WorkerPool
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 BackgroundTask = Callable[[asyncio.Event], Awaitable[None]]
 
 DRAIN_POLL_SECONDS = 0.05
@@ -283,13 +280,6 @@ class Service:
             log.warning("background task %s did not stop within %.0f s", task.get_name(), grace)
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-
-
-def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` on uvloop, libuv's event loop: the listener's work is many small socket reads
-    and writes, where it costs about half of asyncio's own loop (bench/smtp_bench.py)."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 async def serve_until_signalled(service: Service) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from pipeline.process import PipelineContext
-from sources.service import Service, run_event_loop
+from sources.service import Service
 from tests.waiting import WAIT_SECONDS, wait_for
 
 __all__ = ["LISTENING", "ServeProcess", "ServiceThread", "serve_with", "wait_for"]
@@ -126,7 +126,7 @@ class ServiceThread:
 
     def _main(self) -> None:
         try:
-            run_event_loop(self._run())
+            asyncio.run(self._run())
         except BaseException as exc:
             self.error = exc
             self._ready.set()
