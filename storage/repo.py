@@ -11,6 +11,7 @@ from sqlalchemy import (
     ColumnElement,
     CursorResult,
     Row,
+    Select,
     Table,
     Update,
     and_,
@@ -993,6 +994,26 @@ def suggestion_of(session: Session, ticket_id: int) -> TicketSuggestion | None:
 TICKETS_CHANNEL = "mailintake_tickets"
 
 
+def _lease_candidates(which: ColumnElement[bool]) -> Select[Any]:
+    return (
+        select(_LEDGER.c.id, _LEDGER.c.status, _LEDGER.c.lease_owner, _LEDGER.c.lease_until)
+        .where(_LEDGER.c.status == Fate.RECEIVED, which)
+        .order_by(_LEDGER.c.id)
+        .limit(bindparam("limit"))
+        .with_for_update(skip_locked=True)
+    )
+
+
+# Built once, as the per-message statements above: a worker asks for every message it claims.
+_FREE_CANDIDATES = _lease_candidates(
+    or_(_LEDGER.c.lease_owner.is_(None), _LEDGER.c.lease_until <= bindparam("now"))
+)
+_HELD_CANDIDATES = _lease_candidates(
+    _LEDGER.c.lease_owner.like(bindparam("owner_prefix"), escape="/")
+    & (_LEDGER.c.lease_until > bindparam("now"))
+)
+
+
 def lease_candidates(
     session: Session, now: datetime, limit: int, held_on: str | None = None
 ) -> list[tuple[int, Lease]]:
@@ -1001,19 +1022,13 @@ def lease_candidates(
     (it may have died). On PostgreSQL the rows are locked `FOR UPDATE SKIP LOCKED` until the
     caller commits, so concurrent callers get disjoint rows (SQLite has no row locks; the
     compare-and-set of `take_lease` settles a race there)."""
-    ledger = InboundMessage
     if held_on is None:
-        which = or_(ledger.lease_owner.is_(None), ledger.lease_until <= now)
+        rows = session.execute(_FREE_CANDIDATES, {"now": now, "limit": limit})
     else:
-        which = ledger.lease_owner.startswith(held_on, autoescape=True) & (ledger.lease_until > now)
-    query = (
-        select(ledger.id, ledger.status, ledger.lease_owner, ledger.lease_until)
-        .where(ledger.status == Fate.RECEIVED, which)
-        .order_by(ledger.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    rows = session.execute(query).all()
+        prefix = held_on.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+        rows = session.execute(
+            _HELD_CANDIDATES, {"now": now, "limit": limit, "owner_prefix": prefix}
+        )
     return [(row.id, Lease(row.status, row.lease_owner, row.lease_until)) for row in rows]
 
 
