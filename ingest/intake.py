@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest.headers import identity_of
 from ingest.mail import Envelope, IncomingMail
-from storage.models import InboundMessage, InboundRaw, utcnow
+from storage import repo
+from storage.models import utcnow
 from storage.states import Fate
 
 
@@ -28,21 +28,10 @@ def receive_batch(
     sessions: sessionmaker[Session], messages: Sequence[tuple[bytes, Envelope]]
 ) -> list[int]:
     """Commit several messages in one transaction (a backfill's batch, the SMTP sessions of one
-    group commit); their row ids, in order. All are stored or, if the commit raises, none.
-
-    Two multi-row INSERTs (the ledger rows, then their raw bytes), built once: the ORM's unit of
-    work cost more CPU than the rest of accepting a message."""
+    group commit); their row ids, in order. All are stored or, if the commit raises, none."""
     rows = [_ledger_row(raw, envelope) for raw, envelope in messages]
     with sessions.begin() as session:
-        ids = list(session.scalars(_INSERT_LEDGER, rows))
-        stored = zip(ids, messages, strict=True)
-        raws = [{"inbound_message_id": i, "raw": raw} for i, (raw, _) in stored]
-        session.execute(_INSERT_RAW, raws)
-    return ids
-
-
-_INSERT_LEDGER = insert(InboundMessage).returning(InboundMessage.id, sort_by_parameter_order=True)
-_INSERT_RAW = insert(InboundRaw)
+        return repo.add_ledger_rows(session, rows, [raw for raw, _ in messages])
 
 
 def _ledger_row(raw: bytes, envelope: Envelope) -> dict[str, Any]:

@@ -7,10 +7,11 @@ commit (one fsync) instead of queueing for a commit each (Postgres and MySQL cal
 commit); a lone message is committed at once, as before. Nothing is acknowledged before its
 group's commit returned.
 
-A group that fails for a reason in its data (a statement error, not a lost connection) is
-committed again one message at a time, so a message the database refuses costs its own sender
-a `451` and never its neighbours'. A database that is down fails the whole group: every sender
-gets `451` and retries.
+A group that fails for a reason that may lie in one of its messages (anything but a transient
+database failure, `pipeline.retry.is_transient`) is committed again one message at a time, so a
+message the database or our own code refuses costs its own sender a `451` and never its
+neighbours'. A database that is down or busy fails the whole group once: every sender gets
+`451` and retries.
 
 A commit waiting on a frozen database (a stopped PostgreSQL, a blackholed network after the
 connection was made) can wait longer than any client-side timeout: the server's kernel still
@@ -32,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from pipeline.retry import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,12 @@ class GroupCommitter(Generic[T]):
 
     def _thread_main(self) -> None:
         while group := self._take_group():
-            for waiting, outcome in zip(group, self._commit_group(group), strict=True):
+            try:
+                outcomes = self._commit_group(group)
+            except BaseException as exc:  # a bug of ours: no waiting session is left hanging
+                log.exception("the ledger committer failed on a group of %d", len(group))
+                outcomes = [exc] * len(group)
+            for waiting, outcome in zip(group, outcomes, strict=True):
                 _settle(waiting, outcome)
 
     def _take_group(self) -> list[Waiting[T]]:
@@ -119,9 +125,9 @@ class GroupCommitter(Generic[T]):
 
     def _commit_group(self, group: list[Waiting[T]]) -> list[int | BaseException]:
         try:
-            return list(self._commit([waiting.item for waiting in group]))
+            ids = list(self._commit([waiting.item for waiting in group]))
         except BaseException as exc:  # settles the waiting sessions: they answer 451
-            if len(group) == 1 or not refused_for_its_data(exc):
+            if len(group) == 1 or is_transient(exc):
                 return [exc] * len(group)
             log.warning(
                 "a group of %d messages was refused (%s: %s); committing them one by one",
@@ -130,20 +136,15 @@ class GroupCommitter(Generic[T]):
                 exc,
             )
             return [self._commit_one(waiting) for waiting in group]
+        if len(ids) != len(group):
+            raise RuntimeError(f"{len(ids)} row ids for a group of {len(group)}")
+        return list(ids)
 
     def _commit_one(self, waiting: Waiting[T]) -> int | BaseException:
         try:
             return self._commit([waiting.item])[0]
         except BaseException as exc:
             return exc
-
-
-def refused_for_its_data(error: BaseException) -> bool:
-    """The database refused a statement (a constraint, a value), with the connection alive:
-    committing the group's messages one by one can store the others."""
-    return isinstance(error, DBAPIError) and not isinstance(
-        error, OperationalError | InterfaceError
-    )
 
 
 def _settle(waiting: Waiting[T], outcome: int | BaseException) -> None:

@@ -54,7 +54,7 @@ def make_engine(
     connect_args: dict[str, Any] = {"timeout": busy_timeout_ms / 1000}
     if not in_memory:
         Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
-        # Writers take turns on a lock file rather than in SQLite's busy handler (writelock.py).
+        # Writers wait on a lock file rather than in SQLite's busy handler (writelock.py).
         database = str(parsed.database)
         if not database.startswith("file:"):
             connect_args["factory"] = connection_factory(database, busy_timeout_ms / 1000)

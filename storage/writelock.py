@@ -7,22 +7,27 @@ taking turns, a commit could sleep tens of ms while the lock was free most of th
 that sleep is what the sender waits for its `250`.
 
 Here every connection of our engines takes an exclusive `flock` on `<database>-lock` before
-its transaction's first write and gives it up when the transaction ends (commit, rollback,
-close), so writers in any of our processes take turns: a writer waiting for it looks again
-every POLL_SECONDS (half a millisecond), never 100 ms later. SQLite's own locking is unchanged
-and still decides; the lock file only orders our writers. A writer that waits longer than the
-busy timeout goes on without it, and SQLite's busy handler and error apply exactly as before
-(another program writing to the database, such as the sqlite3 shell, does not take the lock
-file).
+its transaction's first INSERT, UPDATE, DELETE or REPLACE (the statements our code writes with;
+migrations' DDL runs alone at start) and gives it up when the transaction ends (commit,
+rollback, close): a writer waiting for it looks again every POLL_SECONDS (half a millisecond;
+there is no queue), never 100 ms later. SQLite's own locking is unchanged and still decides;
+the lock file only paces our writers. A writer that waits longer than the busy timeout gives up
+on the file for the rest of its transaction and meets SQLite's busy handler as before (so the
+longest wait is about twice the busy timeout); another program writing to the database, such as
+the sqlite3 shell, does not take the file. The file gets the database file's mode and owner; if
+it cannot be opened, writers go without it (logged once).
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import time
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.0005
 WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
@@ -30,7 +35,7 @@ WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 def lock_path(database: str) -> str:
     """The lock file beside a database file."""
-    return f"{database}-lock"
+    return f"{os.path.abspath(database)}-lock"
 
 
 def connection_factory(database: str, timeout_seconds: float) -> type[sqlite3.Connection]:
@@ -40,7 +45,7 @@ def connection_factory(database: str, timeout_seconds: float) -> type[sqlite3.Co
     class WriterLockedConnection(sqlite3.Connection):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._lock = WriterLock(lock_path(database), timeout_seconds)
+            self._lock = WriterLock(database, timeout_seconds)
 
         def cursor(self, factory: Any = None) -> sqlite3.Cursor:  # type: ignore[override]
             return super().cursor(factory or WriterLockedCursor)
@@ -87,27 +92,32 @@ def _writes(sql: str) -> bool:
 
 
 class WriterLock:
-    """An exclusive `flock` on one file, held from a transaction's first write to its end."""
+    """An exclusive `flock` on a database's lock file, held from a transaction's first write
+    to its end."""
 
-    def __init__(self, path: str, timeout_seconds: float) -> None:
-        self.path = path
+    unusable_logged = False  # a lock file that cannot be opened is said once per process
+
+    def __init__(self, database: str, timeout_seconds: float) -> None:
+        self.database = database
         self.timeout_seconds = timeout_seconds
         self._fd: int | None = None
         self.held = False
+        self.gave_up = False  # waited the timeout in this transaction: SQLite decides
 
     def acquire(self) -> None:
-        """Take the lock (a no-op if held); after the timeout, go on without it."""
-        if self.held:
+        """Take the lock (a no-op if held); after the timeout, go on without it until the
+        transaction ends."""
+        if self.held or self.gave_up or not self._open():
             return
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        assert self._fd is not None
         deadline = time.monotonic() + self.timeout_seconds
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    return  # SQLite's busy handler decides, as without the lock file
+                    self.gave_up = True  # SQLite's busy handler decides, as without the file
+                    return
                 time.sleep(POLL_SECONDS)
             else:
                 self.held = True
@@ -116,10 +126,43 @@ class WriterLock:
     def release(self) -> None:
         if self.held and self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self.held = False
+        self.held = self.gave_up = False
 
     def close(self) -> None:
         self.release()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def _open(self) -> bool:
+        """Open the lock file once, made with the database file's mode and owner."""
+        if self._fd is not None:
+            return True
+        path = lock_path(self.database)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, _mode_of(self.database))
+            _same_owner(path, self.database)
+        except OSError as exc:
+            if not WriterLock.unusable_logged:
+                WriterLock.unusable_logged = True
+                log.warning("writing without the lock file %s: %s", path, exc)
+            return False
+        return True
+
+
+def _mode_of(database: str) -> int:
+    try:
+        return os.stat(database).st_mode & 0o666
+    except OSError:
+        return 0o600
+
+
+def _same_owner(path: str, database: str) -> None:
+    """As SQLite does for its -wal and -shm files when it runs as root."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = os.stat(database)
+    except OSError:
+        return
+    os.chown(path, owner.st_uid, owner.st_gid)

@@ -111,8 +111,33 @@ def test_close_ends_the_thread_and_refuses_more(sessions):
 
     asyncio.run(one_then_close())
     assert committer._thread is not None
-    committer._thread.join()  # returns: the thread ended
+    committer._thread.join(timeout=60)
+    assert not committer._thread.is_alive()
     assert list(stored(sessions).values()) == [raw]
+
+
+def test_a_message_our_own_code_refuses_fails_alone(sessions):
+    """Not a database error at all (a value that cannot be written as JSON): still only its
+    own sender gets the failure."""
+    raws = [simple_mail(subject=f"{n}") for n in range(3)]
+    items: list[Item] = [(raw, SMTP) for raw in raws]
+    items[1] = (raws[1], Envelope(source="smtp", extra={"unwritable": object()}))
+    gated = GatedCommit(sessions)
+
+    async def run() -> list[int | BaseException]:
+        committer: GroupCommitter[Item] = GroupCommitter(gated)
+        first = asyncio.create_task(committer.run(items[0], 1))
+        await asyncio.to_thread(gated.entered.wait)
+        rest = [asyncio.create_task(committer.run(item, 1)) for item in items[1:]]
+        while committer.in_hand < len(items):
+            await asyncio.sleep(0)
+        gated.gate.set()
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    outcomes = asyncio.run(run())
+    assert isinstance(outcomes[1], Exception)
+    assert "JSON serializable" in str(outcomes[1])
+    assert stored(sessions) == {outcomes[0]: raws[0], outcomes[2]: raws[2]}
 
 
 @pytest.mark.postgres

@@ -86,3 +86,53 @@ def test_a_program_without_the_lock_file_still_meets_sqlites_lock(database):
     outsider.execute("ROLLBACK")
     outsider.close()
     impatient.dispose()
+
+
+def test_a_lock_file_held_past_the_timeout_leaves_it_to_sqlite(database):
+    """Someone holds the file but not SQLite's lock: after the busy timeout the writer goes on
+    without the file, for the rest of its transaction, and its writes commit."""
+    _engine, path = database
+    fd = os.open(lock_path(str(path)), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    impatient = db.make_engine(f"sqlite:///{path}", busy_timeout_ms=50)
+    try:
+        with impatient.begin() as conn:
+            conn.execute(insert(InboundMessage), [ledger_row(1)])
+            conn.execute(insert(InboundMessage), [ledger_row(2)])
+        with impatient.connect() as conn:
+            assert conn.scalar(select(func.count()).select_from(InboundMessage)) == 2
+    finally:
+        os.close(fd)
+        impatient.dispose()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_done_without(tmp_path):
+    path = tmp_path / "ledger.db"
+    Path(lock_path(str(path))).mkdir()  # a directory where the file should be
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(InboundMessage), [ledger_row(1)])
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(InboundMessage)) == 1
+    engine.dispose()
+
+
+def test_the_lock_file_takes_the_database_files_mode(tmp_path):
+    path = tmp_path / "ledger.db"
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.upgrade(engine)
+    engine.dispose()
+    Path(lock_path(str(path))).unlink()
+    path.chmod(0o640)
+    engine = db.make_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.execute(insert(InboundMessage), [ledger_row(1)])
+    assert Path(lock_path(str(path))).stat().st_mode & 0o777 == 0o640 & ~current_umask()
+    engine.dispose()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
