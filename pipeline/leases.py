@@ -59,15 +59,21 @@ def _boot_id() -> str:
         return ""
 
 
-def _started(pid: int) -> str:
-    """When process `pid` started (clock ticks since boot), telling a reused pid from the
-    process that held a lease; '' where the system does not say."""
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after `pid (comm)` (state first); [] where the system does
+    not say or the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as file:
             stat = file.read()
     except OSError:
-        return ""
-    fields = stat.rsplit(")", 1)[-1].split()
+        return []
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def _started(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot), telling a reused pid from the
+    process that held a lease; '' where the system does not say."""
+    fields = _stat(pid)
     return fields[19] if len(fields) > 19 else ""  # field 22, counted after `pid (comm)`
 
 
@@ -77,17 +83,30 @@ def _instance(pid: int) -> str:
     return f"{_boot_id()}.{_started(pid)}"
 
 
+@functools.cache
+def _own_instance(pid: int) -> str:
+    """This process's `_instance`, read once (keyed by pid: a forked child reads its own)."""
+    return _instance(pid)
+
+
+def _ended(pid: int) -> bool:
+    """Process `pid` has exited and only waits to be reaped (a zombie) or is being removed:
+    it will never finish an attempt, though `kill(pid, 0)` still finds it."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] in ("Z", "X")
+
+
 def lease_owner() -> str:
     """How this thread names itself on a lease: `host:pid:thread:boot.start`."""
     pid = os.getpid()
-    return f"{_host()}:{pid}:{threading.get_ident()}:{_instance(pid)}"
+    return f"{_host()}:{pid}:{threading.get_ident()}:{_own_instance(pid)}"
 
 
 def lease_abandoned(owner: str, until: datetime | None, now: datetime) -> bool:
     """Whether a lease was left behind by an attempt that can no longer finish: its time ran
-    out, or its holder on this host is gone (a dead process, a process from before a reboot, a
-    pid now used by another process, an ended thread, or this very thread, which is not working
-    on it any more). A restart after a crash need not wait."""
+    out, or its holder on this host is gone (a dead process, reaped or not yet, a process from
+    before a reboot, a pid now used by another process, an ended thread, or this very thread,
+    which is not working on it any more). A restart after a crash need not wait."""
     if until is None or until <= now:
         return True
     parts = owner.split(":")
@@ -99,6 +118,8 @@ def lease_abandoned(owner: str, until: datetime | None, now: datetime) -> bool:
     if pid == os.getpid():
         live = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
         return thread not in live
+    if _ended(pid):
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import psycopg
@@ -76,6 +79,24 @@ def test_a_reused_pid_or_an_earlier_boot_does_not_keep_a_lease_alive():
     # another host's lease: only its end tells
     assert not lease_abandoned(f"elsewhere:1:1:{instance}", later, utcnow())
     assert lease_abandoned(f"elsewhere:1:1:{instance}", utcnow(), utcnow())
+
+
+def test_a_holder_that_exited_unreaped_does_not_keep_a_lease_alive():
+    """A zombie (exited, its parent has not waited for it yet) still answers kill(pid, 0)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from pipeline.leases import lease_owner; print(lease_owner())"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    owner = child.stdout.readline().strip()
+    state = Path(f"/proc/{child.pid}/stat")
+    wait_for(lambda: state.read_text().rsplit(")", 1)[1].split()[0] == "Z", "a zombie")
+    try:
+        assert lease_abandoned(owner, utcnow() + timedelta(minutes=5), utcnow())
+    finally:
+        child.stdout.close()
+        child.wait()
 
 
 # --- claiming waiting messages -------------------------------------------------------------------
