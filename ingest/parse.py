@@ -451,7 +451,8 @@ def _extended_param(header: str | None, name: str) -> tuple[bytes, str | None] |
     for number, encoded, value in pieces:
         if encoded and number == 0 and value.count("'") >= 2:
             charset, _lang, value = value.split("'", 2)
-        data.append(unquote_to_bytes(value) if encoded else value.encode("latin-1", "replace"))
+        written = value.encode("utf-8", "surrogateescape")  # 8-bit bytes are surrogates here
+        data.append(unquote_to_bytes(written) if encoded else written)
     return b"".join(data), charset or None
 
 

@@ -307,3 +307,19 @@ def test_raw_8bit_bytes_in_ids_and_content_types_are_stored_as_text():
     assert [(a.content_type, a.content_id) for a in parsed.attachments] == [
         ("application/octet-stream", "<あ@x>")
     ]
+
+
+@pytest.mark.parametrize("encoded", [True, False], ids=["name*1*", "name*1"])
+def test_an_rfc2231_continuation_with_raw_8bit_bytes_keeps_its_part(encoded):
+    """`name*1*=` written as raw UTF-8 instead of %-escapes: the body and the name are read
+    (the continuation's bytes were lost to an encoding error, and the part with them)."""
+    star = b"*" if encoded else b""
+    raw = (
+        b"From: a@example.jp\nSubject: x\nMIME-Version: 1.0\n"
+        b"Content-Type: text/plain; charset=utf-8; name*0*=utf-8''%E8%A6%8B; name*1" + star + b"="
+        + "積書.txt".encode() + b"\nContent-Disposition: attachment\n\n"
+        + "在庫あり".encode() + b"\n"
+    )  # fmt: skip
+    parsed = parse(raw)
+    assert_no_safety_net(parsed)
+    assert [a.filename for a in parsed.attachments] == ["見積書.txt"]
