@@ -55,8 +55,15 @@ class Waiting(Generic[T]):
 class GroupCommitter(Generic[T]):
     """`commit(items) -> ids` run in one daemon thread over every item waiting at the time."""
 
-    def __init__(self, commit: Callable[[Sequence[T]], list[int]]) -> None:
+    def __init__(
+        self,
+        commit: Callable[[Sequence[T]], list[int]],
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """`on_commit(messages, seconds)` is told of each group committed (metrics; called in
+        the committing thread)."""
         self._commit = commit
+        self._on_commit = on_commit
         self._waiting: list[Waiting[T]] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -124,6 +131,7 @@ class GroupCommitter(Generic[T]):
             return group
 
     def _commit_group(self, group: list[Waiting[T]]) -> list[int | BaseException]:
+        started = time.monotonic()
         try:
             ids = list(self._commit([waiting.item for waiting in group]))
         except BaseException as exc:  # settles the waiting sessions: they answer 451
@@ -138,6 +146,8 @@ class GroupCommitter(Generic[T]):
             return [self._commit_one(waiting) for waiting in group]
         if len(ids) != len(group):
             raise RuntimeError(f"{len(ids)} row ids for a group of {len(group)}")
+        if self._on_commit is not None:
+            self._on_commit(len(group), time.monotonic() - started)
         return list(ids)
 
     def _commit_one(self, waiting: Waiting[T]) -> int | BaseException:

@@ -34,6 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
+from sources.commits import MAX_GROUP_MESSAGES
 from storage import repo
 from storage.models import waited_seconds
 from storage.states import Fate
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 PROCESSING_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 REPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+COMMIT_GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, MAX_GROUP_MESSAGES)
 FETCHER_STATES = ("connecting", "ok", "failing", "standby")
 
 # --- processing time, observed by whoever processes -------------------------------------------
@@ -272,6 +274,18 @@ class Metrics:
             buckets=REPLY_BUCKETS,
             registry=self.registry,
         )
+        self.commit_messages = Histogram(
+            "mailintake_ledger_commit_messages",
+            "Messages per ledger commit of the SMTP/LMTP listener (group commit)",
+            buckets=COMMIT_GROUP_BUCKETS,
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "mailintake_ledger_commit_seconds",
+            "Time of one ledger commit of the SMTP/LMTP listener, its whole group",
+            buckets=REPLY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(LedgerCollector(sessions))
         self.registry.register(ServiceCollector(parts))
         if multiprocess_dir is None:
@@ -282,3 +296,7 @@ class Metrics:
 
     def smtp_replied(self, code: str, seconds: float) -> None:
         self.smtp_reply_seconds.labels(code).observe(seconds)
+
+    def ledger_committed(self, messages: int, seconds: float) -> None:
+        self.commit_messages.observe(messages)
+        self.commit_seconds.observe(seconds)

@@ -150,7 +150,9 @@ class Service:
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until `stop` is set, then shut down gracefully. Raises ListenerError."""
-        self._commits = GroupCommitter(partial(receive_batch, self.pipeline.sessions))
+        self._commits = GroupCommitter(
+            partial(receive_batch, self.pipeline.sessions), self.metrics.ledger_committed
+        )
         tasks: list[asyncio.Task[None]] = []
         try:
             await self._listen()

@@ -92,6 +92,9 @@ def test_metrics_of_a_running_serve_move_when_mail_arrives(tmp_path, serve_proce
     assert after[("mailintake_messages_received_total", (("source", "smtp"),))] == 1
     assert after[("mailintake_smtp_replies_total", (("code", "250"),))] >= 3  # EHLO, MAIL, DATA
     assert after[("mailintake_smtp_data_reply_seconds_count", (("code", "250"),))] == 1
+    assert after[("mailintake_ledger_commit_messages_count", ())] == 1  # one group commit
+    assert after[("mailintake_ledger_commit_messages_sum", ())] == 1  # of one message
+    assert after[("mailintake_ledger_commit_seconds_count", ())] == 1
     assert after[("mailintake_backlog_messages", ())] == 0
     assert after[("mailintake_failed_messages", ())] == 0
     assert after[("mailintake_database_up", ())] == 1
