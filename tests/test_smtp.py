@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from sources.service import ListenerError
 from storage.models import Attachment, InboundMessage, Ticket
 from storage.states import Fate
 from tests.conftest import DATA
+from tests.db_faults import ledger_locked
 from tests.mails import simple_mail
 from tests.servers import ServiceThread, wait_for
 
@@ -377,3 +379,27 @@ def test_a_second_service_on_a_taken_port_fails_with_a_clear_message(serve, db_u
     second = ServiceThread(settings, sessions)
     with pytest.raises(ListenerError, match=rf"cannot listen for SMTP on 127.0.0.1:{first.port()}"):
         second.start()
+
+
+def test_sessions_waiting_together_share_one_ledger_commit(serve, db_url):
+    """Group commit over real sockets: while the ledger is locked, three sessions' messages wait;
+    once it is free they are committed in fewer than three commits, and each gets its 250."""
+    listener = serve()
+    handler = listener.service.handler
+    assert handler is not None
+    mails = [simple_mail(subject=f"同時 {n}") for n in range(3)]
+
+    def deliver(raw: bytes) -> tuple[int, str]:
+        with smtp_client(listener.port()) as client:
+            return send(client, raw)
+
+    with ThreadPoolExecutor(3) as pool:
+        with ledger_locked(db_url):
+            replies = [pool.submit(deliver, raw) for raw in mails]
+            wait_for(lambda: handler.stores_in_flight == 3, "three messages waiting to commit")
+        codes = [reply.result()[0] for reply in replies]
+    assert codes == [250, 250, 250]
+    registry = listener.service.metrics.registry
+    commits = registry.get_sample_value("mailintake_ledger_commit_messages_count")
+    assert registry.get_sample_value("mailintake_ledger_commit_messages_sum") == 3
+    assert commits is not None and commits < 3
