@@ -133,7 +133,7 @@ class GroupCommitter(Generic[T]):
     def _commit_group(self, group: list[Waiting[T]]) -> list[int | BaseException]:
         started = time.monotonic()
         try:
-            ids = list(self._commit([waiting.item for waiting in group]))
+            ids: list[int | BaseException] = [*self._commit([waiting.item for waiting in group])]
         except BaseException as exc:  # settles the waiting sessions: they answer 451
             if len(group) == 1 or is_transient(exc):
                 return [exc] * len(group)
@@ -148,7 +148,7 @@ class GroupCommitter(Generic[T]):
             raise RuntimeError(f"{len(ids)} row ids for a group of {len(group)}")
         if self._on_commit is not None:
             self._on_commit(len(group), time.monotonic() - started)
-        return list(ids)
+        return ids
 
     def _commit_one(self, waiting: Waiting[T]) -> int | BaseException:
         try:

@@ -48,12 +48,15 @@ async def commit_while_first_is_held(
     commit: Callable[[Sequence[Item]], list[int]],
     gated: GatedCommit,
     raws: list[bytes],
+    envelopes: dict[int, Envelope] | None = None,
 ) -> list[int | BaseException]:
-    """The first message's commit starts and is held; the others arrive; then it returns."""
+    """The first message's commit starts and is held; the others arrive; then it returns.
+    Each message comes with the SMTP envelope unless `envelopes` gives another by position."""
+    items = [(raw, (envelopes or {}).get(n, SMTP)) for n, raw in enumerate(raws)]
     committer: GroupCommitter[Item] = GroupCommitter(commit)
-    first = asyncio.create_task(committer.run((raws[0], SMTP), len(raws[0])))
+    first = asyncio.create_task(committer.run(items[0], len(raws[0])))
     await asyncio.to_thread(gated.entered.wait)
-    rest = [asyncio.create_task(committer.run((raw, SMTP), len(raw))) for raw in raws[1:]]
+    rest = [asyncio.create_task(committer.run(item, len(item[0]))) for item in items[1:]]
     while committer.in_hand < len(raws):
         await asyncio.sleep(0)  # every session has handed its message in
     gated.gate.set()
@@ -120,21 +123,9 @@ def test_a_message_our_own_code_refuses_fails_alone(sessions):
     """Not a database error at all (a value that cannot be written as JSON): still only its
     own sender gets the failure."""
     raws = [simple_mail(subject=f"{n}") for n in range(3)]
-    items: list[Item] = [(raw, SMTP) for raw in raws]
-    items[1] = (raws[1], Envelope(source="smtp", extra={"unwritable": object()}))
+    unwritable = Envelope(source="smtp", extra={"unwritable": object()})
     gated = GatedCommit(sessions)
-
-    async def run() -> list[int | BaseException]:
-        committer: GroupCommitter[Item] = GroupCommitter(gated)
-        first = asyncio.create_task(committer.run(items[0], 1))
-        await asyncio.to_thread(gated.entered.wait)
-        rest = [asyncio.create_task(committer.run(item, 1)) for item in items[1:]]
-        while committer.in_hand < len(items):
-            await asyncio.sleep(0)
-        gated.gate.set()
-        return await asyncio.gather(first, *rest, return_exceptions=True)
-
-    outcomes = asyncio.run(run())
+    outcomes = asyncio.run(commit_while_first_is_held(gated, gated, raws, {1: unwritable}))
     assert isinstance(outcomes[1], Exception)
     assert "JSON serializable" in str(outcomes[1])
     assert stored(sessions) == {outcomes[0]: raws[0], outcomes[2]: raws[2]}
